@@ -1,0 +1,678 @@
+"""The sans-I/O connection: bytes in → frames out, frames in → bytes out.
+
+Both ends use the same class with a different :class:`Role`. It validates every frame in
+both directions against the protocol state (handshake, known children, open channels,
+flow-control credit) and keeps the bookkeeping, so the agent and the controller only
+decide *when* to send what.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Final
+
+from ._codec import (
+    MAX_ID,
+    FrameInvalid,
+    check_frame,
+    encode,
+    encode_data_header,
+)
+from ._decoder import FrameDecoder
+from ._errors import ErrorKind, LocalProtocolError, RemoteProtocolError
+from ._frames import (
+    Close,
+    Closed,
+    Config,
+    Data,
+    Eof,
+    Error,
+    Exec,
+    Exit,
+    Frame,
+    Goodbye,
+    Hello,
+    Log,
+    Ping,
+    Pong,
+    Shutdown,
+    Signal,
+    SignalAck,
+    Started,
+    Window,
+)
+
+__all__ = [
+    "CONNECTION_CLOSED",
+    "DATA_FRAME_OVERHEAD",
+    "DEFAULT_MAX_FRAME",
+    "DEFAULT_WINDOW",
+    "NEED_DATA",
+    "PROTOCOL_VERSION",
+    "Connection",
+    "ConnectionClosed",
+    "NeedData",
+    "Role",
+]
+
+#: The protocol version this implementation speaks. Peers must announce the same.
+PROTOCOL_VERSION: Final = 1
+#: Default largest frame (prefix + body) each side accepts.
+DEFAULT_MAX_FRAME: Final = 4 << 20
+#: Default initial credit, in bytes, per channel and direction.
+DEFAULT_WINDOW: Final = 1 << 20
+#: Upper bound of a data frame's bytes beyond its payload (prefix, map, keys, ids).
+DATA_FRAME_OVERHEAD: Final = 64
+# Credit beyond this is a peer bug (and would overflow the peer's counters).
+_MAX_CREDIT: Final = 2**62
+
+
+class Role(StrEnum):
+    AGENT = "agent"
+    CONTROLLER = "controller"
+
+
+class NeedData:
+    """Sentinel type: feed more bytes with :meth:`Connection.receive_data`."""
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+class ConnectionClosed:
+    """Sentinel type: the peer's byte stream ended cleanly at a frame boundary."""
+
+    def __repr__(self) -> str:
+        return "CONNECTION_CLOSED"
+
+
+NEED_DATA: Final = NeedData()
+CONNECTION_CLOSED: Final = ConnectionClosed()
+
+_CONTROL_BOTH: Final = (Hello, Data, Eof, Window, Error, Ping, Pong)
+_SENT_BY: Final[dict[Role, tuple[type[Frame], ...]]] = {
+    Role.CONTROLLER: (*_CONTROL_BOTH, Exec, Signal, Close, Config, Shutdown),
+    Role.AGENT: (*_CONTROL_BOTH, Started, SignalAck, Exit, Log, Closed, Goodbye),
+}
+
+
+class _Child:
+    """One child's state, as seen by this end of the connection."""
+
+    __slots__ = (
+        "closing",
+        "exited",
+        "received",
+        "recv_credit",
+        "recv_open",
+        "send_credit",
+        "send_open",
+        "sent",
+        "started",
+    )
+
+    def __init__(
+        self, send_channels: set[int], recv_channels: set[int], send_window: int,
+        recv_window: int,
+    ) -> None:
+        self.send_open = send_channels
+        self.recv_open = recv_channels
+        self.send_credit = dict.fromkeys(send_channels, send_window)
+        self.recv_credit = dict.fromkeys(recv_channels, recv_window)
+        self.sent = dict.fromkeys(send_channels, 0)
+        self.received = dict.fromkeys(recv_channels, 0)
+        self.started = False
+        self.exited = False
+        # Controller: we sent close. Agent: we received close. Either way the child's data,
+        # eof and window frames are no longer wanted in either direction.
+        self.closing = False
+
+
+class Connection:
+    """Protocol state of one end of an mproxy connection.
+
+    Typical use: ``out = conn.initiate()`` and write it; then for every chunk read from
+    the transport ``conn.receive_data(chunk)`` and call :meth:`next_event` until it
+    returns :data:`NEED_DATA`; write whatever :meth:`send` / :meth:`send_data` return.
+
+    Errors: :class:`LocalProtocolError` when our side breaks a rule (nothing is
+    encoded, state unchanged); :class:`RemoteProtocolError` from :meth:`next_event` when
+    the peer did (see its ``fatal`` attribute).
+    """
+
+    def __init__(
+        self,
+        role: Role,
+        *,
+        max_frame_size: int = DEFAULT_MAX_FRAME,
+        window: int = DEFAULT_WINDOW,
+        impl: str = "mproxy",
+        impl_version: str = "0",
+        caps: tuple[str, ...] = (),
+    ) -> None:
+        self.role = role
+        self.our_hello = Hello(
+            version=PROTOCOL_VERSION,
+            impl=impl,
+            impl_version=impl_version,
+            max_frame=max_frame_size,
+            window=window,
+            caps=caps,
+        )
+        try:
+            check_frame(self.our_hello)
+        except FrameInvalid as exc:
+            raise LocalProtocolError(exc.kind, exc.message, ref="hello") from None
+        self.their_hello: Hello | None = None
+        self._decoder = FrameDecoder(max_frame_size)
+        self._initiated = False
+        self._eof = False
+        self._fatal: RemoteProtocolError | None = None
+        self._children: dict[int, _Child] = {}
+        self.shutdown_requested = False  # controller sent / agent received shutdown
+        self.goodbye = False  # agent sent / controller received goodbye
+
+    # ------------------------------------------------------------------ introspection
+
+    @property
+    def peer_role(self) -> Role:
+        return Role.AGENT if self.role is Role.CONTROLLER else Role.CONTROLLER
+
+    @property
+    def max_data_payload(self) -> int:
+        """Largest payload a data frame we send may carry (the peer's frame limit)."""
+        if self.their_hello is None:
+            raise LocalProtocolError(ErrorKind.HANDSHAKE, "the peer's hello has not arrived")
+        return self.their_hello.max_frame - DATA_FRAME_OVERHEAD
+
+    def children(self) -> list[int]:
+        """Ids of the children this connection currently tracks."""
+        return list(self._children)
+
+    def has_child(self, id: int) -> bool:
+        return id in self._children
+
+    def send_credit(self, id: int, ch: int) -> int:
+        """Bytes we may send now on channel ``ch`` of child ``id`` (0 when not open)."""
+        child = self._children.get(id)
+        if child is None or child.closing or ch not in child.send_open:
+            return 0
+        return child.send_credit[ch]
+
+    def can_send(self, id: int, ch: int) -> bool:
+        """Whether channel ``ch`` of child ``id`` is open for us to send on."""
+        child = self._children.get(id)
+        return child is not None and not child.closing and ch in child.send_open
+
+    def bytes_sent(self, id: int, ch: int) -> int:
+        return self._child(id).sent[ch]
+
+    def bytes_received(self, id: int, ch: int) -> int:
+        return self._child(id).received[ch]
+
+    def _child(self, id: int) -> _Child:
+        child = self._children.get(id)
+        if child is None:
+            raise LocalProtocolError(ErrorKind.UNKNOWN_CHILD, f"no child with id {id}", id=id)
+        return child
+
+    # ------------------------------------------------------------------ receiving
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Give the connection bytes read from the peer; ``b""`` means end of stream."""
+        if not data:
+            self._eof = True
+        else:
+            self._decoder.feed(data)
+
+    def next_event(self) -> Frame | NeedData | ConnectionClosed:
+        """The next valid frame from the peer, or a sentinel.
+
+        Raises :class:`RemoteProtocolError`. After a fatal one, every later call raises it
+        again. Data, eof and window frames about a child in ``closing`` state are
+        consumed silently: they were in flight when close was sent.
+        """
+        if self._fatal is not None:
+            raise self._fatal
+        while True:
+            try:
+                frame = self._decoder.next_frame()
+            except RemoteProtocolError as exc:
+                if exc.fatal:
+                    self._fatal = exc
+                elif self.their_hello is None:
+                    exc = RemoteProtocolError(
+                        ErrorKind.HANDSHAKE, f"bad first frame: {exc.message}", fatal=True
+                    )
+                    self._fatal = exc
+                raise exc from None
+            if frame is None:
+                if not self._eof:
+                    return NEED_DATA
+                if self._decoder.buffered:
+                    self._fatal = RemoteProtocolError(
+                        ErrorKind.MALFORMED,
+                        f"stream ended inside a frame ({self._decoder.buffered} bytes of it)",
+                        fatal=True,
+                    )
+                    raise self._fatal
+                return CONNECTION_CLOSED
+            try:
+                if self._accept(frame):
+                    return frame
+            except RemoteProtocolError as exc:
+                if exc.fatal:
+                    self._fatal = exc
+                raise
+
+    def _accept(self, frame: Frame) -> bool:
+        """Validate a received frame and update state; False means drop it silently."""
+        if self.their_hello is None:
+            if not isinstance(frame, Hello):
+                raise RemoteProtocolError(
+                    ErrorKind.HANDSHAKE,
+                    f"expected a hello frame first, got {frame.TYPE}",
+                    ref=frame.TYPE,
+                    fatal=True,
+                )
+            if frame.version != PROTOCOL_VERSION:
+                raise RemoteProtocolError(
+                    ErrorKind.VERSION_MISMATCH,
+                    f"peer speaks protocol version {frame.version}, "
+                    f"this side speaks {PROTOCOL_VERSION}",
+                    ref="hello",
+                    fatal=True,
+                )
+            self.their_hello = frame
+            return True
+        if not isinstance(frame, _SENT_BY[self.peer_role]):
+            raise RemoteProtocolError(
+                ErrorKind.BAD_FRAME,
+                f"{frame.TYPE} frames are not sent by the {self.peer_role}",
+                id=getattr(frame, "id", None),
+                ref=frame.TYPE,
+            )
+        if isinstance(frame, Data):
+            return self._accept_data(frame)
+        if isinstance(frame, Eof):
+            return self._accept_eof(frame)
+        if isinstance(frame, Window):
+            return self._accept_window(frame)
+        if isinstance(frame, Exec):
+            self._accept_exec(frame)
+        elif isinstance(frame, (Signal, SignalAck, Started, Exit, Close, Closed)):
+            self._accept_child_control(frame)
+        elif isinstance(frame, Hello):
+            raise RemoteProtocolError(ErrorKind.HANDSHAKE, "second hello frame", ref="hello")
+        elif isinstance(frame, Shutdown):
+            self.shutdown_requested = True
+        elif isinstance(frame, Goodbye):
+            self.goodbye = True
+        else:
+            assert isinstance(frame, (Error, Log, Config, Ping, Pong)), frame
+        return True
+
+    def _remote_child(self, frame: Frame, id: int) -> _Child:
+        child = self._children.get(id)
+        if child is None:
+            raise RemoteProtocolError(
+                ErrorKind.UNKNOWN_CHILD,
+                f"{frame.TYPE} frame: no child with id {id}",
+                id=id,
+                ref=frame.TYPE,
+            )
+        return child
+
+    def _accept_exec(self, frame: Exec) -> None:
+        if self.shutdown_requested:
+            raise RemoteProtocolError(
+                ErrorKind.SHUTTING_DOWN,
+                f"exec frame: id {frame.id} arrived after shutdown",
+                id=frame.id,
+                ref="exec",
+            )
+        if frame.id in self._children:
+            raise RemoteProtocolError(
+                ErrorKind.DUPLICATE_ID,
+                f"exec frame: id {frame.id} is already in use (not yet closed)",
+                id=frame.id,
+                ref="exec",
+            )
+        assert self.their_hello is not None
+        extra = set(frame.fds)
+        self._children[frame.id] = _Child(
+            send_channels={1, 2} | extra,
+            recv_channels={0} | extra,
+            send_window=self.their_hello.window,
+            recv_window=self.our_hello.window,
+        )
+
+    def _accept_data(self, frame: Data) -> bool:
+        child = self._remote_child(frame, frame.id)
+        if child.closing and self.role is Role.CONTROLLER:
+            return False
+        self._check_recv_channel(child, frame, frame.ch)
+        size = len(frame.data)
+        if size > child.recv_credit[frame.ch]:
+            raise RemoteProtocolError(
+                ErrorKind.CREDIT_EXCEEDED,
+                f"data frame: {size} bytes on channel {frame.ch} of child {frame.id} "
+                f"exceed the {child.recv_credit[frame.ch]} bytes of credit granted",
+                id=frame.id,
+                ref="data",
+            )
+        child.recv_credit[frame.ch] -= size
+        child.received[frame.ch] += size
+        return True
+
+    def _accept_eof(self, frame: Eof) -> bool:
+        child = self._remote_child(frame, frame.id)
+        if child.closing and self.role is Role.CONTROLLER:
+            return False
+        self._check_recv_channel(child, frame, frame.ch)
+        received = child.received[frame.ch]
+        if frame.n is not None and frame.n != received:
+            raise RemoteProtocolError(
+                ErrorKind.BAD_FRAME,
+                f"eof frame: channel {frame.ch} of child {frame.id} announces {frame.n} "
+                f"bytes sent but {received} arrived",
+                id=frame.id,
+                ref="eof",
+            )
+        child.recv_open.discard(frame.ch)
+        return True
+
+    def _check_recv_channel(self, child: _Child, frame: Data | Eof, ch: int) -> None:
+        if ch in child.recv_open:
+            return
+        if ch in child.received:
+            raise RemoteProtocolError(
+                ErrorKind.CHANNEL_CLOSED,
+                f"{frame.TYPE} frame: channel {ch} of child {frame.id} already had its eof",
+                id=frame.id,
+                ref=frame.TYPE,
+            )
+        raise RemoteProtocolError(
+            ErrorKind.BAD_CHANNEL,
+            f"{frame.TYPE} frame: child {frame.id} has no channel {ch} in this direction",
+            id=frame.id,
+            ref=frame.TYPE,
+        )
+
+    def _accept_window(self, frame: Window) -> bool:
+        child = self._remote_child(frame, frame.id)
+        if frame.ch not in child.send_credit:
+            raise RemoteProtocolError(
+                ErrorKind.BAD_CHANNEL,
+                f"window frame: child {frame.id} has no channel {frame.ch} in this direction",
+                id=frame.id,
+                ref="window",
+            )
+        if child.closing or frame.ch not in child.send_open:
+            return False  # credit for a channel we already finished: harmless race
+        credit = child.send_credit[frame.ch] + frame.n
+        if credit > _MAX_CREDIT:
+            raise RemoteProtocolError(
+                ErrorKind.BAD_FRAME,
+                f"window frame: credit on channel {frame.ch} of child {frame.id} would "
+                f"exceed 2**62 bytes",
+                id=frame.id,
+                ref="window",
+            )
+        child.send_credit[frame.ch] = credit
+        return True
+
+    def _accept_child_control(
+        self, frame: Signal | SignalAck | Started | Exit | Close | Closed
+    ) -> None:
+        child = self._remote_child(frame, frame.id)
+        if isinstance(frame, Started):
+            if child.started or child.exited:
+                raise RemoteProtocolError(
+                    ErrorKind.BAD_FRAME,
+                    f"started frame: child {frame.id} was already reported "
+                    f"{'started' if child.started else 'exited'}",
+                    id=frame.id,
+                    ref="started",
+                )
+            child.started = True
+        elif isinstance(frame, Exit):
+            if child.exited:
+                raise RemoteProtocolError(
+                    ErrorKind.BAD_FRAME,
+                    f"exit frame: child {frame.id} already exited",
+                    id=frame.id,
+                    ref="exit",
+                )
+            child.exited = True
+        elif isinstance(frame, Close):
+            if child.closing:
+                raise RemoteProtocolError(
+                    ErrorKind.BAD_FRAME,
+                    f"close frame: child {frame.id} is already being closed",
+                    id=frame.id,
+                    ref="close",
+                )
+            child.closing = True
+        elif isinstance(frame, Closed):
+            if not (child.closing and child.exited):
+                raise RemoteProtocolError(
+                    ErrorKind.BAD_FRAME,
+                    f"closed frame: child {frame.id} has not been "
+                    f"{'closed' if not child.closing else 'reported exited'}",
+                    id=frame.id,
+                    ref="closed",
+                )
+            del self._children[frame.id]
+
+    # ------------------------------------------------------------------ sending
+
+    def initiate(self) -> bytes:
+        """Our hello frame: the first bytes to write."""
+        if self._initiated:
+            raise LocalProtocolError(ErrorKind.HANDSHAKE, "hello already sent", ref="hello")
+        self._initiated = True
+        return encode(self.our_hello)
+
+    def send(self, frame: Frame) -> bytes:
+        """Validate ``frame`` against the state, update it, and return its bytes.
+
+        Returns ``b""`` for data-less frames that are no longer wanted: eof and window
+        frames about a child the peer has closed. Data frames go through
+        :meth:`send_data`.
+        """
+        self._check_can_send(frame)
+        if isinstance(frame, Data):
+            raise LocalProtocolError(
+                ErrorKind.BAD_FRAME, "use send_data() for data frames", ref="data"
+            )
+        try:
+            check_frame(frame)
+        except FrameInvalid as exc:
+            raise LocalProtocolError(
+                exc.kind, exc.message, id=getattr(frame, "id", None), ref=frame.TYPE
+            ) from None
+        if isinstance(frame, Eof):
+            child = self._child(frame.id)
+            if self._dropped(child, frame):
+                return b""
+            self._check_send_channel(child, frame.id, frame.ch, "eof")
+            frame = Eof(id=frame.id, ch=frame.ch, n=child.sent[frame.ch])
+            child.send_open.discard(frame.ch)
+        elif isinstance(frame, Window):
+            child = self._child(frame.id)
+            if self._dropped(child, frame):
+                return b""
+            if frame.ch not in child.recv_credit:
+                raise LocalProtocolError(
+                    ErrorKind.BAD_CHANNEL,
+                    f"child {frame.id} has no channel {frame.ch} to receive on",
+                    id=frame.id,
+                    ref="window",
+                )
+            if frame.ch not in child.recv_open:
+                return b""  # the peer has sent its eof; credit is pointless
+            if child.recv_credit[frame.ch] + frame.n > _MAX_CREDIT:
+                raise LocalProtocolError(
+                    ErrorKind.BAD_FRAME, "window would exceed 2**62 bytes", id=frame.id,
+                    ref="window",
+                )
+            child.recv_credit[frame.ch] += frame.n
+        elif isinstance(frame, Exec):
+            self._send_exec(frame)
+        elif isinstance(frame, (Signal, SignalAck, Started, Exit, Close, Closed)):
+            self._send_child_control(frame)
+        elif isinstance(frame, Shutdown):
+            self.shutdown_requested = True
+        elif isinstance(frame, Goodbye):
+            self.goodbye = True
+        elif isinstance(frame, Hello):
+            raise LocalProtocolError(
+                ErrorKind.HANDSHAKE, "hello is sent by initiate()", ref="hello"
+            )
+        return encode(frame)
+
+    def send_data(self, id: int, ch: int, payload: bytes | bytearray | memoryview) -> bytes:
+        """Account for a data frame and return its header; write the payload after it.
+
+        Returns ``b""`` when the frame must not be written at all (the peer closed the
+        child). Raises :class:`LocalProtocolError` when the channel is not open for
+        sending, or the payload exceeds the credit or the peer's frame limit.
+        """
+        self._check_can_send(Data)
+        child = self._child(id)
+        if child.closing and self.role is Role.AGENT:
+            return b""
+        if child.closing:
+            raise LocalProtocolError(
+                ErrorKind.CHANNEL_CLOSED, f"child {id} is closed", id=id, ref="data"
+            )
+        self._check_send_channel(child, id, ch, "data")
+        size = len(payload)
+        if size > child.send_credit[ch]:
+            raise LocalProtocolError(
+                ErrorKind.CREDIT_EXCEEDED,
+                f"{size} bytes on channel {ch} of child {id} exceed the credit of "
+                f"{child.send_credit[ch]}",
+                id=id,
+                ref="data",
+            )
+        if size > self.max_data_payload:
+            raise LocalProtocolError(
+                ErrorKind.FRAME_TOO_LARGE,
+                f"{size} bytes exceed the peer's data payload limit {self.max_data_payload}",
+                id=id,
+                ref="data",
+            )
+        child.send_credit[ch] -= size
+        child.sent[ch] += size
+        return encode_data_header(id, ch, size)
+
+    def _check_can_send(self, frame: Frame | type[Frame]) -> None:
+        if not self._initiated:
+            raise LocalProtocolError(ErrorKind.HANDSHAKE, "send our hello (initiate) first")
+        if not issubclass(frame if isinstance(frame, type) else type(frame),
+                          _SENT_BY[self.role]):
+            raise LocalProtocolError(
+                ErrorKind.BAD_FRAME,
+                f"{frame.TYPE} frames are not sent by the {self.role}",
+                ref=frame.TYPE,
+            )
+        if self.goodbye and self.role is Role.AGENT:
+            raise LocalProtocolError(
+                ErrorKind.BAD_FRAME, "nothing may follow goodbye", ref=frame.TYPE
+            )
+
+    def _dropped(self, child: _Child, frame: Frame) -> bool:
+        if not child.closing:
+            return False
+        if self.role is Role.AGENT:
+            return True
+        raise LocalProtocolError(
+            ErrorKind.CHANNEL_CLOSED,
+            f"{frame.TYPE} frame: child {getattr(frame, 'id', '?')} is closed",
+            ref=frame.TYPE,
+        )
+
+    def _check_send_channel(self, child: _Child, id: int, ch: int, ftype: str) -> None:
+        if ch in child.send_open:
+            return
+        if ch in child.sent:
+            raise LocalProtocolError(
+                ErrorKind.CHANNEL_CLOSED,
+                f"channel {ch} of child {id} already had its eof",
+                id=id,
+                ref=ftype,
+            )
+        raise LocalProtocolError(
+            ErrorKind.BAD_CHANNEL,
+            f"child {id} has no channel {ch} to send on",
+            id=id,
+            ref=ftype,
+        )
+
+    def _send_exec(self, frame: Exec) -> None:
+        if self.their_hello is None:
+            raise LocalProtocolError(
+                ErrorKind.HANDSHAKE, "wait for the agent's hello before exec", ref="exec"
+            )
+        if self.shutdown_requested:
+            raise LocalProtocolError(
+                ErrorKind.SHUTTING_DOWN, "exec after shutdown", id=frame.id, ref="exec"
+            )
+        if frame.id in self._children:
+            raise LocalProtocolError(
+                ErrorKind.DUPLICATE_ID, f"id {frame.id} is in use", id=frame.id, ref="exec"
+            )
+        if not 0 <= frame.id <= MAX_ID:
+            raise LocalProtocolError(
+                ErrorKind.BAD_FRAME, f"id {frame.id} is out of range", id=frame.id,
+                ref="exec",
+            )
+        extra = set(frame.fds)
+        self._children[frame.id] = _Child(
+            send_channels={0} | extra,
+            recv_channels={1, 2} | extra,
+            send_window=self.their_hello.window,
+            recv_window=self.our_hello.window,
+        )
+
+    def _send_child_control(
+        self, frame: Signal | SignalAck | Started | Exit | Close | Closed
+    ) -> None:
+        child = self._child(frame.id)
+        if isinstance(frame, Started):
+            if child.started or child.exited:
+                raise LocalProtocolError(
+                    ErrorKind.BAD_FRAME, f"child {frame.id} already reported", id=frame.id,
+                    ref="started",
+                )
+            child.started = True
+        elif isinstance(frame, Exit):
+            if child.exited:
+                raise LocalProtocolError(
+                    ErrorKind.BAD_FRAME, f"child {frame.id} already exited", id=frame.id,
+                    ref="exit",
+                )
+            child.exited = True
+        elif isinstance(frame, Close):
+            if child.closing:
+                raise LocalProtocolError(
+                    ErrorKind.BAD_FRAME, f"child {frame.id} already closed", id=frame.id,
+                    ref="close",
+                )
+            child.closing = True
+        elif isinstance(frame, Closed):
+            if not (child.closing and child.exited):
+                raise LocalProtocolError(
+                    ErrorKind.BAD_FRAME,
+                    f"child {frame.id}: closed needs a received close and a sent exit",
+                    id=frame.id,
+                    ref="closed",
+                )
+            del self._children[frame.id]
+        elif isinstance(frame, Signal) and child.closing:
+            raise LocalProtocolError(
+                ErrorKind.CHANNEL_CLOSED, f"child {frame.id} is closed", id=frame.id,
+                ref="signal",
+            )
