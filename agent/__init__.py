@@ -1,0 +1,60 @@
+"""mproxy-agent: runs many children for one controller over one byte stream.
+
+Public API:
+
+- :func:`serve` — run the agent over a :class:`~agent.transport.Transport` until the
+  connection ends; every child is killed and reaped before it returns.
+- :mod:`agent.transport` — :class:`FdTransport` (pipes, sockets, stdio) and
+  :class:`StreamTransport` (trio streams, e.g. in-memory for tests).
+
+The command line (``mproxy-agent``, ``python -m agent``) is in ``agent._cli``.
+"""
+
+from __future__ import annotations
+
+from importlib import metadata
+
+from protocol import DEFAULT_MAX_FRAME, DEFAULT_WINDOW
+
+from ._agent import Agent
+from .transport import FdTransport, StreamTransport, Transport
+
+__all__ = ["FdTransport", "StreamTransport", "Transport", "__version__", "serve"]
+
+try:
+    __version__ = metadata.version("mproxy-agent")
+except metadata.PackageNotFoundError:  # running from a source tree
+    __version__ = "0+unknown"
+
+
+async def serve(
+    transport: Transport,
+    *,
+    grace: float = 5.0,
+    max_children: int = 10_000,
+    log_level: str = "info",
+    reap_orphans: bool = False,
+    window: int = DEFAULT_WINDOW,
+    max_frame: int = DEFAULT_MAX_FRAME,
+) -> int:
+    """Serve one controller over ``transport``; return the exit status (0 clean, 1 after
+    a protocol failure or an internal error).
+
+    Ends when the controller closes the stream, stops reading (EPIPE), breaks the
+    protocol fatally, or completes a ``shutdown``; or when cancelled. In every case each
+    child's process group gets SIGHUP and SIGTERM, SIGKILL after ``grace`` seconds, and
+    every child is reaped before this returns. ``reap_orphans`` (for a process that made
+    itself a child subreaper) also reaps and kills descendants re-parented to it.
+    The transport is not closed.
+    """
+    agent = Agent(
+        transport,
+        grace=grace,
+        max_children=max_children,
+        log_level=log_level,
+        reap_orphans=reap_orphans,
+        window=window,
+        max_frame=max_frame,
+        version=__version__,
+    )
+    return await agent.run()

@@ -1,0 +1,605 @@
+"""The agent's connection: one frame reader, one writer, and a task tree per child."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import signal
+import subprocess
+import sys
+import traceback
+from collections.abc import Iterable
+from typing import Final
+
+import trio
+
+import childproc
+from protocol import (
+    CONNECTION_CLOSED,
+    DEFAULT_MAX_FRAME,
+    DEFAULT_WINDOW,
+    NEED_DATA,
+    Close,
+    Closed,
+    Config,
+    Connection,
+    Data,
+    Eof,
+    Error,
+    ErrorKind,
+    Exec,
+    Exit,
+    Frame,
+    Goodbye,
+    Hello,
+    Log,
+    Ping,
+    Pong,
+    RemoteProtocolError,
+    Role,
+    Shutdown,
+    Signal,
+    SignalAck,
+    Started,
+    Window,
+)
+
+from . import _orphans
+from ._env import DEFAULT_POLICY, child_environment
+from ._process import (
+    ExitStatus,
+    kill_group,
+    open_pidfd,
+    reap,
+    signal_number,
+    wait_for_exit,
+)
+from ._pumps import Endpoint, InPump, OutPump
+from ._writer import FrameWriter
+from .transport import Transport
+
+__all__ = ["Agent"]
+
+logger = logging.getLogger("mproxy.agent")
+
+_LEVELS: Final = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+                  "error": logging.ERROR}
+#: Bytes of child output the agent may hold (read but not yet written) across all children.
+OUTPUT_BUDGET: Final = 4 << 20
+#: Pause reading frames while this many control frames wait to be written: a controller
+#: that sends but never reads must not make the agent queue replies without bound.
+_MAX_QUEUED_CONTROL: Final = 10_000
+_F_SETPIPE_SZ: Final = 1031  # Linux; not in Python 3.11's fcntl module
+# How often teardown looks for processes left in the children's groups.
+_GROUP_POLL: Final = 0.05
+
+
+class ByteBudget:
+    """A semaphore counted in bytes; a request larger than the limit waits for zero."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self.used = 0
+        self._lot = trio.lowlevel.ParkingLot()
+
+    async def acquire(self, size: int) -> None:
+        while self.used and self.used + size > self._limit:
+            await self._lot.park()
+        self.used += size
+
+    def release(self, size: int) -> None:
+        if size:
+            self.used -= size
+            self._lot.unpark_all()
+
+
+class Child:
+    """Everything the agent holds for one child id, from exec until closed."""
+
+    def __init__(self, frame: Exec) -> None:
+        self.id = frame.id
+        self.frame = frame
+        self.popen: subprocess.Popen[bytes] | None = None
+        self.pid: int | None = None
+        self.pidfd: int | None = None
+        self.pipes: childproc.Pipes | None = None
+        self.status: ExitStatus | None = None
+        self.spawning = True
+        self.early: list[Data | Eof] = []  # stdin frames that arrived before the spawn
+        self.pending_signals: list[Signal] = []
+        self.outs: dict[int, OutPump] = {}
+        self.ins: dict[int, InPump] = {}
+        self.credit_lot = trio.lowlevel.ParkingLot()
+        self.exited = trio.Event()  # status known
+        self.exit_sent = trio.Event()
+        self.close_requested = trio.Event()
+        self.finished = trio.Event()  # exit sent and every output channel at EOF
+        self.drain_scope: trio.CancelScope | None = None
+        self.reaped = False
+        self.released = trio.Event()  # its task is over (closed sent, or torn down)
+
+    def pumps(self) -> list[InPump | OutPump]:
+        return [*self.outs.values(), *self.ins.values()]
+
+    def pump_finished(self) -> None:
+        if self.exit_sent.is_set() and all(p.finished for p in self.outs.values()):
+            self.finished.set()
+
+    def release(self) -> None:
+        """Close every fd the agent holds for this child. Idempotent."""
+        for pump in self.pumps():
+            pump.endpoint.close()
+        if self.pipes is not None:
+            self.pipes.close()
+        if self.pidfd is not None:
+            trio.lowlevel.notify_closing(self.pidfd)
+            os.close(self.pidfd)
+            self.pidfd = None
+
+    def reap(self) -> None:
+        """Reap the child once it has ended (never before: see _process)."""
+        if self.pid is not None and not self.reaped and self.status is not None:
+            self.reaped = reap(self.pid)
+            if self.popen is not None:
+                # Tell Popen it is done, so its __del__ never waits on a recycled pid.
+                self.popen.returncode = self.status.returncode
+
+
+class Agent:
+    """Serve one controller over ``transport`` until it leaves, shuts us down, or fails.
+
+    Guarantees: every child started is killed (its whole process group: SIGHUP and
+    SIGTERM, SIGKILL after ``grace`` seconds) and reaped before :meth:`run` returns,
+    whatever ends the connection; nothing the controller sends can crash the agent or
+    stall another child.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        grace: float = 5.0,
+        max_children: int = 10_000,
+        log_level: str = "info",
+        reap_orphans: bool = False,
+        window: int = DEFAULT_WINDOW,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        version: str = "0",
+    ) -> None:
+        self.transport = transport
+        self.conn = Connection(
+            Role.AGENT, max_frame_size=max_frame, window=window, impl="mproxy-agent",
+            impl_version=version, caps=("signal-ack", "half-close", "env-policy"),
+        )
+        self.writer = FrameWriter(transport)
+        self.output_budget = ByteBudget(OUTPUT_BUDGET)
+        self.children: dict[int, Child] = {}
+        self.policy = DEFAULT_POLICY
+        self.grace = grace
+        self.max_children = max_children
+        self.log_level = _LEVELS[log_level]
+        self.reap_orphans = reap_orphans
+        self.exit_status = 0
+        self._stop = trio.Event()
+        self._stop_reason = ""
+        self._writer_done = trio.Event()
+        self._tearing_down = False
+        self._nursery: trio.Nursery | None = None
+        # Orphan reaping must not run while a spawn is in flight: a child that exits
+        # before its pid is recorded would look like an orphan and lose its status.
+        self._spawns_in_flight = 0
+        self._reaping = False
+        self._spawn_gate = trio.lowlevel.ParkingLot()
+
+    # ------------------------------------------------------------------ plumbing
+
+    def send(self, frame: Frame) -> None:
+        """Queue a control frame; frames about released children, or after goodbye (the
+        connection is over), are dropped."""
+        if not self.conn.goodbye:
+            self.writer.send_control(self.conn.send(frame))
+
+    def log(self, level: str, msg: str, **attrs: object) -> None:
+        number = _LEVELS[level]
+        logger.log(number, "%s %s", msg, " ".join(f"{k}={v}" for k, v in attrs.items()))
+        if number >= self.log_level and not self.conn.goodbye:
+            self.send(Log(level=level, msg=msg, attrs={k: str(v) for k, v in attrs.items()}))
+
+    def stop(self, reason: str, status: int = 0) -> None:
+        """End the connection: the first reason wins."""
+        if not self._stop.is_set():
+            self._stop_reason = reason
+            self.exit_status = status
+            self._stop.set()
+
+    # ------------------------------------------------------------------ main
+
+    async def run(self) -> int:
+        """Serve until the connection ends; returns the process exit status (0 clean)."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._write_loop)
+                self.writer.send_control(self.conn.initiate())
+                nursery.start_soon(self._read_loop)
+                if self.reap_orphans:
+                    nursery.start_soon(self._reap_orphans_loop)
+                await self._stop.wait()
+                logger.debug("stopping: %s", self._stop_reason)
+                self.writer.close()
+                with trio.move_on_after(1.0):
+                    await self._writer_done.wait()
+                nursery.cancel_scope.cancel()
+        except Exception as exc:  # a bug in the agent, not bad input: report it, clean up
+            text = "".join(traceback.format_exception(exc))
+            logger.error("internal error, shutting down:\n%s", text)  # noqa: TRY400
+            self.exit_status = 1
+            with trio.move_on_after(1.0), contextlib.suppress(Exception):
+                await self.transport.send_all([self.conn.send(
+                    Log(level="error", msg="internal error, shutting down",
+                        attrs={"traceback": text}))])
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._teardown()
+        return self.exit_status
+
+    async def _write_loop(self) -> None:
+        try:
+            await self.writer.run()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.stop("the controller stopped reading (EPIPE)")
+        finally:
+            self._writer_done.set()
+
+    async def _read_loop(self) -> None:
+        while True:
+            try:
+                data = await self.transport.receive()
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self.stop(f"reading from the controller failed: {exc}")
+                return
+            self.conn.receive_data(data)
+            while True:
+                try:
+                    event = self.conn.next_event()
+                except RemoteProtocolError as exc:
+                    self.send(Error.from_exception(exc))
+                    if exc.fatal:
+                        self.log("error", "protocol error, closing", kind=exc.kind,
+                                 detail=exc.message)
+                        self.stop(f"protocol error: {exc.message}", status=1)
+                        return
+                    self.log("warning", "rejected a frame", kind=exc.kind, detail=exc.message)
+                    continue
+                if event is NEED_DATA:
+                    break
+                if event is CONNECTION_CLOSED:
+                    self.stop("the controller closed the connection (EOF)")
+                    return
+                assert isinstance(event, Frame)
+                self._dispatch(event)
+            while self.writer.queued_control > _MAX_QUEUED_CONTROL:
+                await self.writer.wait_written()
+
+    # ------------------------------------------------------------------ frames
+
+    def _dispatch(self, frame: Frame) -> None:
+        if isinstance(frame, (Data, Eof)):
+            child = self.children[frame.id]
+            if child.spawning:
+                child.early.append(frame)
+            else:
+                self._route_input(child, frame)
+        elif isinstance(frame, Window):
+            self.children[frame.id].credit_lot.unpark_all()
+        elif isinstance(frame, Exec):
+            self._on_exec(frame)
+        elif isinstance(frame, Signal):
+            self._on_signal(frame)
+        elif isinstance(frame, Close):
+            child = self.children[frame.id]
+            child.close_requested.set()
+            if child.drain_scope is not None:
+                child.drain_scope.cancel()
+        elif isinstance(frame, Config):
+            self._on_config(frame)
+        elif isinstance(frame, Shutdown):
+            assert self._nursery is not None
+            self._nursery.start_soon(self._shutdown_when_idle)
+        elif isinstance(frame, Ping):
+            self.send(Pong(frame.n))
+        elif isinstance(frame, Error):
+            self.log("warning", "the controller reported an error", kind=frame.kind,
+                     detail=frame.msg)
+        elif isinstance(frame, Hello):
+            self.log("debug", "controller connected", impl=frame.impl,
+                     version=frame.impl_version)
+        # Pong needs nothing.
+
+    def _route_input(self, child: Child, frame: Data | Eof) -> None:
+        pump = child.ins.get(frame.ch)
+        if pump is None:
+            # The child never started: discard, but keep the controller's credit flowing.
+            if isinstance(frame, Data) and frame.data:
+                self.send(Window(child.id, frame.ch, len(frame.data)))
+        elif isinstance(frame, Data):
+            pump.feed(frame)
+        else:
+            pump.feed_eof()
+
+    def _on_config(self, frame: Config) -> None:
+        try:
+            self.policy = self.policy.updated(frame.env_keep, frame.env_remove)
+        except ValueError as exc:
+            self.send(Error(kind=ErrorKind.BAD_FRAME, msg=f"config frame: {exc}", ref="config"))
+
+    def _on_exec(self, frame: Exec) -> None:
+        child = Child(frame)
+        self.children[frame.id] = child
+        assert self._nursery is not None
+        self._nursery.start_soon(self._run_child, child)
+
+    def _on_signal(self, frame: Signal) -> None:
+        child = self.children[frame.id]
+        if child.spawning:
+            child.pending_signals.append(frame)
+            return
+        if child.pid is None or child.status is not None:
+            self.send(Error(
+                kind=ErrorKind.CHILD_EXITED, errno="ESRCH", id=child.id, ref="signal",
+                msg=f"signal frame: child {child.id} has already exited; {frame.sig} not sent",
+            ))
+            return
+        number = signal_number(frame.sig)
+        if number is None:
+            self.send(SignalAck(child.id, frame.sig, errno="EINVAL"))
+            return
+        self.send(SignalAck(child.id, frame.sig, errno=kill_group(child.pid, number)))
+
+    # ------------------------------------------------------------------ children
+
+    async def _run_child(self, child: Child) -> None:
+        try:
+            if await self._spawn(child):
+                async with trio.open_nursery() as nursery:
+                    for pump in child.pumps():
+                        nursery.start_soon(pump.run)
+                    nursery.start_soon(self._watch_exit, child)
+                    await child.close_requested.wait()
+                    if child.status is None:
+                        assert child.pid is not None
+                        kill_group(child.pid, signal.SIGKILL)
+                    await child.exit_sent.wait()
+                    nursery.cancel_scope.cancel()
+            else:
+                await child.close_requested.wait()
+            # Closed: kill what is left of the group while the zombie still pins its id.
+            if child.pid is not None and not child.reaped:
+                kill_group(child.pid, signal.SIGKILL)
+            child.release()
+            child.reap()
+            self.send(Closed(child.id))
+        finally:
+            child.release()
+            if child.reaped or child.pid is None:
+                del self.children[child.id]
+            child.released.set()
+
+    async def _spawn(self, child: Child) -> bool:
+        """Start the child; on failure report it (error + exit) and return False."""
+        frame = child.frame
+        try:
+            if len(self.children) > self.max_children:
+                self._spawn_failed(child, ErrorKind.TOO_MANY_CHILDREN, None,
+                                   f"exec frame: {self.max_children} children already "
+                                   f"running (--max-children)", 126)
+                return False
+            try:
+                spec = childproc.Spec(
+                    path=frame.path if frame.path is not None else frame.argv[0],
+                    argv=list(frame.argv),
+                    env=child_environment(frame, self.policy, os.environb),
+                    cwd=frame.cwd,
+                    extra_fds=list(frame.fds),
+                    drop_sudo_credentials=frame.drop_sudo,
+                )
+                command, pipes = childproc.build(spec)
+            except (OSError, ValueError) as exc:
+                self._report_spawn_error(child, exc)
+                return False
+            while self._reaping:
+                await self._spawn_gate.park()
+            self._spawns_in_flight += 1
+            try:
+                # Not abandoned on cancellation: a started child must never go untracked.
+                popen = await trio.to_thread.run_sync(command.start)
+            except (OSError, ValueError) as exc:
+                pipes.close()
+                self._report_spawn_error(child, exc)
+                return False
+            else:
+                self._attach(child, popen, pipes)
+            finally:
+                childproc.close_child_side(command)
+                self._spawns_in_flight -= 1
+                self._spawn_gate.unpark_all()
+            if self._tearing_down:
+                kill_group(popen.pid, signal.SIGKILL)
+            self.send(Started(child.id, popen.pid))
+            self.log("debug", "started", id=child.id, pid=popen.pid)
+            return True
+        finally:
+            child.spawning = False
+            for early in child.early:
+                self._route_input(child, early)
+            child.early.clear()
+            for pending in child.pending_signals:
+                self._on_signal(pending)
+            child.pending_signals.clear()
+
+    def _attach(
+        self, child: Child, popen: subprocess.Popen[bytes], pipes: childproc.Pipes
+    ) -> None:
+        child.popen = popen
+        child.pid = popen.pid
+        child.pidfd = open_pidfd(popen.pid)
+        child.pipes = pipes
+        for stream in (pipes.stdin, pipes.stdout, pipes.stderr):
+            os.set_blocking(stream.fileno(), False)
+        _enlarge_pipe(pipes.stdout.fileno())
+        _enlarge_pipe(pipes.stderr.fileno())
+        child.ins[0] = InPump(self, child, 0, Endpoint(pipes.stdin.fileno(), 1,
+                                                       pipes.stdin.close))
+        child.outs[1] = OutPump(self, child, 1, Endpoint(pipes.stdout.fileno(), 1,
+                                                         pipes.stdout.close))
+        child.outs[2] = OutPump(self, child, 2, Endpoint(pipes.stderr.fileno(), 1,
+                                                         pipes.stderr.close))
+        for number, sock in pipes.extra.items():
+            sock.setblocking(False)
+            endpoint = Endpoint(sock.fileno(), 2, sock.close)
+            child.ins[number] = InPump(self, child, number, endpoint)
+            child.outs[number] = OutPump(self, child, number, endpoint)
+
+    def _report_spawn_error(self, child: Child, exc: OSError | ValueError) -> None:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            name = errno.errorcode.get(exc.errno, str(exc.errno))
+            step = getattr(exc, "step", "exec")
+            code = 127 if (step == "exec" and exc.errno == errno.ENOENT) else 126
+        else:
+            name, code = None, 126
+        self._spawn_failed(child, ErrorKind.SPAWN_FAILED, name, str(exc), code)
+
+    def _spawn_failed(
+        self, child: Child, kind: ErrorKind, errno_name: str | None, msg: str, code: int
+    ) -> None:
+        self.send(Error(kind=kind, msg=msg, id=child.id, errno=errno_name, ref="exec"))
+        self.log("debug", "spawn failed", id=child.id, detail=msg)
+        child.status = ExitStatus(code, None, False, code)
+        child.exited.set()
+        self.send(Exit(child.id, code))
+        child.exit_sent.set()
+        child.pump_finished()
+
+    async def _watch_exit(self, child: Child) -> None:
+        assert child.pid is not None
+        status = await wait_for_exit(child.pid, child.pidfd)
+        child.status = status
+        child.exited.set()
+        # Everything the child wrote before it ended is in its pipes now: send that before
+        # exit, but never wait for more (a background process may hold the pipes open).
+        with trio.CancelScope() as scope:
+            child.drain_scope = scope
+            if child.close_requested.is_set():
+                scope.cancel()
+            targets = [(pump, pump.drain_target()) for pump in child.outs.values()]
+            for pump, target in targets:
+                await pump.drain(target)
+        child.drain_scope = None
+        self.send(Exit(child.id, status.code, status.sig, status.core))
+        child.exit_sent.set()
+        child.pump_finished()
+
+    # ------------------------------------------------------------------ endings
+
+    async def _shutdown_when_idle(self) -> None:
+        """After shutdown: wait for every child to finish, clean up, say goodbye."""
+        self.log("debug", "shutdown requested", children=len(self.children))
+        while True:
+            # Settled: finished and left alone, or released after a close.
+            waiting = [c for c in self.children.values()
+                       if not c.finished.is_set() or c.close_requested.is_set()]
+            if not waiting:
+                break
+            child = waiting[0]
+            if child.close_requested.is_set():
+                await child.released.wait()
+            else:
+                await child.finished.wait()
+        await self._kill_leftovers(self.children.values())
+        self.send(Goodbye())
+        self.stop("shutdown complete")
+
+    async def _reap_orphans_loop(self) -> None:
+        with trio.open_signal_receiver(signal.SIGCHLD) as batches:
+            async for _ in batches:
+                self._reaping = True
+                try:
+                    while self._spawns_in_flight:
+                        await self._spawn_gate.park()
+                    _orphans.reap_adopted_zombies(self._known_pids())
+                finally:
+                    self._reaping = False
+                    self._spawn_gate.unpark_all()
+                await trio.sleep(0.2)  # rate limit: one /proc scan per burst of exits
+
+    def _known_pids(self) -> set[int]:
+        return {c.pid for c in self.children.values() if c.pid is not None}
+
+    async def _kill_leftovers(self, children: Iterable[Child]) -> None:
+        """HUP and TERM every live group (and adopted orphan), KILL after the grace period,
+        and reap them all."""
+        live = [c for c in children if c.pid is not None and not c.reaped]
+        groups = {c.pid for c in live if c.pid is not None}
+        orphans = set(_orphans.adopted(groups)) if self.reap_orphans else set()
+        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGCONT):
+            for pgid in groups:
+                kill_group(pgid, sig)
+            for pid in orphans:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, sig)
+        with trio.move_on_after(self.grace):
+            for child in live:
+                await self._wait_exited(child)
+            while _orphans.groups_alive(groups) or (
+                self.reap_orphans and _orphans.living_adopted(groups)
+            ):
+                await trio.sleep(_GROUP_POLL)
+        for pgid in groups:
+            kill_group(pgid, signal.SIGKILL)
+        with trio.move_on_after(5.0):
+            for child in live:
+                await self._wait_exited(child)
+        for child in live:
+            child.reap()
+        if self.reap_orphans:
+            await self._kill_adopted(groups)
+
+    async def _wait_exited(self, child: Child) -> None:
+        if child.status is None and child.pid is not None:
+            child.status = await wait_for_exit(child.pid, child.pidfd)
+            child.exited.set()
+
+    async def _kill_adopted(self, known: set[int]) -> None:
+        """SIGKILL and reap every adopted descendant, including those re-parented while
+        we do so; gives up after a few seconds (a process stuck in the kernel)."""
+        with trio.move_on_after(5.0):
+            while True:
+                found = _orphans.adopted(known)
+                if not found:
+                    return
+                for pid, state in found.items():
+                    if state != "Z":
+                        with contextlib.suppress(OSError):
+                            os.kill(pid, signal.SIGKILL)
+                    with contextlib.suppress(ChildProcessError):
+                        os.waitpid(pid, os.WNOHANG)
+                await trio.sleep(_GROUP_POLL)
+
+    async def _teardown(self) -> None:
+        self._tearing_down = True
+        children = list(self.children.values())
+        await self._kill_leftovers(children)
+        for child in children:
+            child.release()
+            child.reap()
+        self.children.clear()
+
+
+def _enlarge_pipe(fd: int) -> None:
+    """Raise a pipe's buffer to 1 MiB (Linux): fewer, larger reads per byte relayed."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(fd, _F_SETPIPE_SZ, 1 << 20)

@@ -1,0 +1,83 @@
+"""Descendants that left their process group and were re-parented to the agent.
+
+On Linux the agent is a child subreaper (PR_SET_CHILD_SUBREAPER), so a descendant whose
+parent dies is re-parented to the agent rather than to init, even if it called setsid().
+The agent must reap those (or they linger as zombies) and kill them at shutdown. It never
+reaps a pid it tracks as a child: those are reaped only when released (see _process).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import sys
+
+__all__ = [
+    "adopted",
+    "become_subreaper",
+    "groups_alive",
+    "living_adopted",
+    "reap_adopted_zombies",
+]
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> bool:
+    """Make this process a child subreaper; False where the OS has no such thing."""
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    return bool(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+
+
+def adopted(known: set[int]) -> dict[int, str]:
+    """Children of this process that it did not start itself: pid → state letter."""
+    me = os.getpid()
+    return {pid: state for pid, state, ppid, _ in _proc_stats() if ppid == me and pid not in known}
+
+
+def living_adopted(known: set[int]) -> bool:
+    """Whether an adopted child is still running (not yet a zombie)."""
+    return any(state != "Z" for state in adopted(known).values())
+
+
+def reap_adopted_zombies(known: set[int]) -> int:
+    """Reap adopted children that have ended; returns how many."""
+    count = 0
+    for pid, state in adopted(known).items():
+        if state == "Z":
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+                count += 1
+    return count
+
+
+def _proc_stats() -> list[tuple[int, str, int, int]]:
+    """(pid, state, ppid, pgrp) of every process, from /proc; empty where there is none."""
+    rows: list[tuple[int, str, int, int]] = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return rows
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue  # gone meanwhile
+        # "pid (comm) state ppid pgrp ...": comm may contain spaces and parentheses.
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) >= 3:
+            rows.append((int(entry), fields[0].decode(), int(fields[1]), int(fields[2])))
+    return rows
+
+
+def groups_alive(pgids: set[int]) -> set[int]:
+    """Which of these process groups still have a live (non-zombie) member."""
+    if not pgids:
+        return set()
+    return {pgrp for _, state, _, pgrp in _proc_stats() if pgrp in pgids and state != "Z"}

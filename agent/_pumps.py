@@ -1,0 +1,259 @@
+"""Per-channel pumps between a child's pipes/sockets and the frame writer."""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import errno
+import fcntl
+import os
+import socket
+import termios
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final
+
+import trio
+
+from protocol import Data, Eof, Error, ErrorKind, Window
+
+if TYPE_CHECKING:
+    from ._agent import Agent, Child
+
+__all__ = ["InPump", "OutPump", "fionread"]
+
+#: Largest read from a child's pipe: one data frame.
+READ_CHUNK: Final = 1 << 18
+# Frames a pump may have queued in the writer but not yet written: lets the next read
+# overlap the previous write without letting one channel hog the writer's queue.
+_MAX_IN_FLIGHT: Final = 2
+# Largest single write into a child: bounds the time one write takes.
+_WRITE_CHUNK: Final = 1 << 20
+
+
+def fionread(fd: int) -> int:
+    """Bytes waiting to be read on a pipe or socket."""
+    buf = array.array("i", [0])
+    fcntl.ioctl(fd, termios.FIONREAD, buf, True)
+    return buf[0]
+
+
+class Endpoint:
+    """The parent's end of one channel: a pipe end (one direction) or a socket (both).
+
+    Closes the fd once every direction using it is done. Closing first tells trio, so a
+    task waiting on the fd wakes up with ClosedResourceError rather than hanging.
+    """
+
+    def __init__(self, fd: int, directions: int, on_close: Callable[[], None]) -> None:
+        self.fd = fd
+        self._remaining = directions
+        self._on_close = on_close
+        self.closed = False
+
+    def done(self, how: int | None = None) -> None:
+        """One direction finished; ``how`` is the socket shutdown to apply, if any."""
+        if self.closed:
+            return
+        self._remaining -= 1
+        if self._remaining > 0:
+            if how is not None:
+                with contextlib.suppress(OSError):
+                    _shutdown(self.fd, how)
+            return
+        self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            trio.lowlevel.notify_closing(self.fd)
+            self._on_close()
+
+
+def _shutdown(fd: int, how: int) -> None:
+    sock = socket.socket(fileno=fd)
+    try:
+        sock.shutdown(how)
+    finally:
+        sock.detach()
+
+
+class OutPump:
+    """Child → controller on one channel (1, 2 or an extra fd).
+
+    Reads only while the channel has credit and the agent's output budget allows, so a
+    controller that stops reading stops the child (its pipe fills) instead of growing the
+    agent's memory. Sends ``eof`` with the byte count when the child's end closes.
+    """
+
+    def __init__(self, agent: Agent, child: Child, ch: int, endpoint: Endpoint) -> None:
+        self._agent = agent
+        self._child = child
+        self.ch = ch
+        self.endpoint = endpoint
+        self.read_total = 0
+        self.written_total = 0
+        self.finished = False
+        self._in_flight = 0
+        self._progress = trio.lowlevel.ParkingLot()
+
+    async def run(self) -> None:
+        agent, child, conn = self._agent, self._child, self._agent.conn
+        fd = self.endpoint.fd
+        try:
+            while True:
+                credit = conn.send_credit(child.id, self.ch)
+                if credit == 0 or self._in_flight >= _MAX_IN_FLIGHT:
+                    if not conn.can_send(child.id, self.ch):
+                        return  # the controller closed the child
+                    await (child.credit_lot if credit == 0 else self._progress).park()
+                    continue
+                # Wait for output before taking budget: an idle child must hold none.
+                await trio.lowlevel.wait_readable(fd)
+                size = min(credit, READ_CHUNK, conn.max_data_payload)
+                await agent.output_budget.acquire(size)
+                try:
+                    data = os.read(fd, size)
+                except BlockingIOError:
+                    data = None
+                except OSError as exc:  # ECONNRESET on a socket: its end is gone
+                    if exc.errno not in (errno.ECONNRESET, errno.EIO):
+                        agent.output_budget.release(size)
+                        raise
+                    data = b""
+                agent.output_budget.release(size - len(data or b""))
+                if data is None:
+                    continue
+                if not data:
+                    break
+                self.read_total += len(data)
+                header = conn.send_data(child.id, self.ch, data)
+                if not header:  # the controller closed the child meanwhile
+                    agent.output_budget.release(len(data))
+                    return
+                self._in_flight += 1
+                agent.writer.send_data(header, data, on_written=self._written_cb(len(data)))
+            eof = conn.send(Eof(child.id, self.ch))
+            agent.writer.send_data(eof)
+        except trio.ClosedResourceError:
+            pass  # the child was released while we waited
+        finally:
+            self.finished = True
+            self._progress.unpark_all()
+            self.endpoint.done(socket.SHUT_RD)
+            child.pump_finished()
+
+    def _written_cb(self, size: int) -> Callable[[], None]:
+        def written() -> None:
+            self._in_flight -= 1
+            self.written_total += size
+            self._agent.output_budget.release(size)
+            self._progress.unpark_all()
+        return written
+
+    def drain_target(self) -> int:
+        """The byte count at which everything the channel holds right now is sent."""
+        if self.finished or self.endpoint.closed:
+            return 0
+        try:
+            return self.read_total + fionread(self.endpoint.fd)
+        except OSError:
+            return 0
+
+    async def drain(self, target: int) -> None:
+        """Return once ``target`` bytes have been written out, or the channel ended."""
+        while self.written_total < target and not self.finished:
+            await self._progress.park()
+
+
+class InPump:
+    """Controller → child on one channel (0 or an extra fd).
+
+    Buffers at most the credit it granted (the protocol enforces it) and grants more as
+    it writes into the child. If the child's end is gone (EPIPE), reports ``write-failed``
+    once, then discards further data for the channel while still granting credit, so the
+    controller is told rather than blocked.
+    """
+
+    def __init__(self, agent: Agent, child: Child, ch: int, endpoint: Endpoint) -> None:
+        self._agent = agent
+        self._child = child
+        self.ch = ch
+        self.endpoint = endpoint
+        self._chunks: deque[memoryview] = deque()
+        self._eof = False
+        self._broken = False
+        self._consumed = 0
+        self._wakeup = trio.lowlevel.ParkingLot()
+
+    def feed(self, frame: Data) -> None:
+        if self._broken or self.endpoint.closed:
+            self._grant(len(frame.data))
+        elif frame.data:
+            self._chunks.append(memoryview(frame.data))
+            self._wakeup.unpark_all()
+
+    def feed_eof(self) -> None:
+        self._eof = True
+        self._wakeup.unpark_all()
+
+    def _grant(self, size: int) -> None:
+        self._consumed += size
+        window = self._agent.conn.our_hello.window
+        if self._consumed >= window // 2 or (self._broken and self._consumed):
+            self._agent.send(Window(self._child.id, self.ch, self._consumed))
+            self._consumed = 0
+
+    async def run(self) -> None:
+        fd = self.endpoint.fd
+        try:
+            while not self._broken:
+                if not self._chunks:
+                    if self._eof:
+                        break
+                    await self._wakeup.park()
+                    continue
+                await trio.lowlevel.wait_writable(fd)
+                batch = list(self._chunks)[:64]
+                try:
+                    written = os.writev(fd, batch)
+                except BlockingIOError:
+                    continue
+                except OSError as exc:
+                    if exc.errno not in (errno.EPIPE, errno.ECONNRESET):
+                        raise
+                    self._fail(exc)
+                    break
+                self._consume(written)
+        except trio.ClosedResourceError:
+            pass
+        finally:
+            self.endpoint.done(socket.SHUT_WR)
+
+    def _consume(self, written: int) -> None:
+        self._grant(written)
+        while written:
+            head = self._chunks[0]
+            if written >= len(head):
+                written -= len(head)
+                self._chunks.popleft()
+            else:
+                self._chunks[0] = head[written:]
+                written = 0
+
+    def _fail(self, exc: OSError) -> None:
+        self._broken = True
+        pending = sum(len(c) for c in self._chunks)
+        self._chunks.clear()
+        name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        self._agent.send(
+            Error(
+                kind=ErrorKind.WRITE_FAILED,
+                msg=f"writing channel {self.ch} of child {self._child.id}: {exc.strerror}; "
+                f"{pending} buffered bytes discarded",
+                id=self._child.id,
+                errno=name,
+                ref="data",
+            )
+        )
+        self._grant(pending)

@@ -1,0 +1,135 @@
+"""Byte transports under a protocol connection, shared by the agent and the controller.
+
+A transport moves bytes and nothing else: ``receive()`` returns the next chunk (``b""``
+at end of stream) and ``send_all(buffers)`` writes a list of buffers in order. The fd
+transport writes with ``os.writev`` so a data frame's payload goes from the pipe it was
+read from to the peer without being copied into a frame.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Sequence
+from typing import Final, Protocol
+
+import trio
+
+__all__ = ["RECEIVE_SIZE", "FdTransport", "StreamTransport", "Transport"]
+
+#: Largest chunk one ``receive()`` returns.
+RECEIVE_SIZE: Final = 1 << 18
+# Linux's IOV_MAX; writev refuses more buffers than this in one call.
+_IOV_MAX: Final = 1024
+
+Buffer = bytes | bytearray | memoryview
+
+
+class Transport(Protocol):
+    async def receive(self) -> bytes:
+        """The next bytes from the peer; ``b""`` once the stream has ended.
+
+        Raises :class:`trio.BrokenResourceError` when the stream failed.
+        """
+        ...
+
+    async def send_all(self, buffers: Sequence[Buffer]) -> None:
+        """Write every buffer, in order. Raises :class:`trio.BrokenResourceError` when the
+        peer is gone (EPIPE, ECONNRESET); on cancellation some prefix may have been sent."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release the transport. Idempotent."""
+        ...
+
+
+class FdTransport:
+    """A transport over two file descriptors (pipes, sockets, ttys), owned by it.
+
+    Both fds are switched to non-blocking mode, which changes the open file description:
+    other holders of the same description (a parent shell) see it too, as with
+    :class:`trio.lowlevel.FdStream`. Regular files, which cannot be polled, are read and
+    written directly (they never block for long).
+    """
+
+    def __init__(self, read_fd: int, write_fd: int) -> None:
+        self._read_fd = read_fd
+        self._write_fd = write_fd
+        for fd in {read_fd, write_fd}:
+            _make_nonblocking(fd)
+        self._closed = False
+
+    async def receive(self) -> bytes:
+        if self._closed:
+            raise trio.ClosedResourceError("transport is closed")
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            try:
+                data = os.read(self._read_fd, RECEIVE_SIZE)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self._read_fd)
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.ECONNRESET, errno.EIO):
+                    raise trio.BrokenResourceError(f"reading the peer failed: {exc}") from exc
+                raise
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return data
+
+    async def send_all(self, buffers: Sequence[Buffer]) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("transport is closed")
+        await trio.lowlevel.checkpoint_if_cancelled()
+        pending = [memoryview(b) for b in buffers if len(b)]
+        while pending:
+            try:
+                written = os.writev(self._write_fd, pending[:_IOV_MAX])
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(self._write_fd)
+                continue
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                raise trio.BrokenResourceError(f"the peer is gone: {exc}") from exc
+            # Drop what was written: whole buffers, then the front of a partial one.
+            index = 0
+            while index < len(pending) and written >= len(pending[index]):
+                written -= len(pending[index])
+                index += 1
+            del pending[:index]
+            if written:
+                pending[0] = pending[0][written:]
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for fd in {self._read_fd, self._write_fd}:
+            trio.lowlevel.notify_closing(fd)
+            os.close(fd)
+        await trio.lowlevel.checkpoint()
+
+
+def _make_nonblocking(fd: int) -> None:
+    # Regular files and /dev/null never report EAGAIN, so they are never polled (epoll
+    # refuses them); everything else waits for readiness when it would block.
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.set_blocking(fd, False)
+
+
+class StreamTransport:
+    """A transport over trio streams (memory streams in tests, sockets, process pipes)."""
+
+    def __init__(self, send_stream: trio.abc.SendStream, receive_stream: trio.abc.ReceiveStream):
+        self._send_stream = send_stream
+        self._receive_stream = receive_stream
+
+    async def receive(self) -> bytes:
+        return bytes(await self._receive_stream.receive_some(RECEIVE_SIZE))
+
+    async def send_all(self, buffers: Sequence[Buffer]) -> None:
+        await self._send_stream.send_all(b"".join(buffers))
+
+    async def aclose(self) -> None:
+        await self._send_stream.aclose()
+        await self._receive_stream.aclose()

@@ -1,0 +1,32 @@
+"""Controller library for mproxy agents: run processes through an agent as if local.
+
+The API mirrors trio's subprocess API::
+
+    async with controller.open_agent() as agent:            # or ["ssh", host, "mproxy-agent"]
+        result = await agent.run_process(["uname", "-a"], capture_stdout=True)
+        async with await agent.open_process(["cat"]) as proc:
+            await proc.stdin.send_all(b"hello")
+            await proc.stdin.aclose()
+            print(await proc.stdout.receive_some())
+            print(await proc.wait())
+
+The ``mproxy-exec`` command line is in ``controller._cli``.
+"""
+
+from ._agent import Agent, connect, open_agent
+from ._errors import AgentError, AgentLost, RemoteError
+from ._process import RemoteProcess
+from ._streams import RemoteFdStream, RemoteReceiveStream, RemoteSendStream
+
+__all__ = [
+    "Agent",
+    "AgentError",
+    "AgentLost",
+    "RemoteError",
+    "RemoteFdStream",
+    "RemoteProcess",
+    "RemoteReceiveStream",
+    "RemoteSendStream",
+    "connect",
+    "open_agent",
+]

@@ -1,0 +1,488 @@
+"""The controller's side of a connection to one agent."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Final
+
+import trio
+
+from agent import __version__
+from agent._writer import FrameWriter
+from agent.transport import FdTransport, StreamTransport, Transport
+from protocol import (
+    CONNECTION_CLOSED,
+    DEFAULT_MAX_FRAME,
+    DEFAULT_WINDOW,
+    NEED_DATA,
+    Closed,
+    Config,
+    Connection,
+    Data,
+    Eof,
+    Error,
+    Exec,
+    Exit,
+    Frame,
+    Goodbye,
+    Hello,
+    Log,
+    Ping,
+    Pong,
+    RemoteProtocolError,
+    Role,
+    Shutdown,
+    SignalAck,
+    Started,
+    Window,
+)
+
+from ._errors import AgentLost, RemoteError
+from ._process import RemoteProcess
+
+__all__ = ["Agent", "connect", "open_agent"]
+
+agent_logger = logging.getLogger("mproxy.agent")
+_LOG_LEVELS: Final = {"debug": logging.DEBUG, "info": logging.INFO,
+                      "warning": logging.WARNING, "error": logging.ERROR}
+StrOrBytes = str | bytes
+
+
+def _os_bytes(value: StrOrBytes | os.PathLike[str]) -> bytes:
+    return os.fsencode(value)
+
+
+class Agent:
+    """A connected agent. Obtain one from :func:`open_agent` or :func:`connect`."""
+
+    def __init__(self, transport: Transport, *, window: int, max_frame: int) -> None:
+        self.conn = Connection(
+            Role.CONTROLLER, max_frame_size=max_frame, window=window,
+            impl="mproxy-controller", impl_version=__version__,
+        )
+        self.transport = transport
+        self.writer = FrameWriter(transport)
+        self.processes: dict[int, RemoteProcess] = {}
+        self.lost: AgentLost | None = None
+        self._ids = itertools.count(1)
+        self._hello = trio.Event()
+        self._goodbye = trio.Event()
+        self._pings: dict[int, trio.Event] = {}
+        self._ping_ids = itertools.count(1)
+
+    @property
+    def info(self) -> Hello:
+        """The agent's hello: its implementation, version, limits and capabilities."""
+        assert self.conn.their_hello is not None
+        return self.conn.their_hello
+
+    # ------------------------------------------------------------------ plumbing
+
+    def send(self, frame: Frame) -> None:
+        self.raise_if_lost()
+        self.writer.send_control(self.conn.send(frame))
+
+    def raise_if_lost(self) -> None:
+        if self.lost is not None:
+            raise AgentLost(str(self.lost)) from self.lost
+
+    def _lose(self, reason: str) -> None:
+        if self.lost is None:
+            self.lost = AgentLost(reason)
+            self._hello.set()
+            self._goodbye.set()
+            for event in self._pings.values():
+                event.set()
+            for process in self.processes.values():
+                process._on_lost()
+
+    async def _write_loop(self) -> None:
+        try:
+            await self.writer.run()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._lose(f"writing to the agent failed: {exc}")
+
+    async def _read_loop(self) -> None:
+        while True:
+            try:
+                data = await self.transport.receive()
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self._lose(f"reading from the agent failed: {exc}")
+                return
+            self.conn.receive_data(data)
+            while True:
+                try:
+                    event = self.conn.next_event()
+                except RemoteProtocolError as exc:
+                    agent_logger.error(  # noqa: TRY400 (the peer's fault: no traceback)
+                        "protocol error from the agent: %s", exc.message)
+                    if exc.fatal:
+                        self._lose(f"the agent broke the protocol: {exc.message}")
+                        return
+                    continue
+                if event is NEED_DATA:
+                    break
+                if event is CONNECTION_CLOSED:
+                    if not self._goodbye.is_set():
+                        self._lose("the agent closed the connection without goodbye")
+                    return
+                assert isinstance(event, Frame)
+                self._dispatch(event)
+
+    def _dispatch(self, frame: Frame) -> None:
+        if isinstance(frame, Data):
+            self.processes[frame.id]._on_data(frame.ch, frame.data)
+        elif isinstance(frame, Window):
+            self.processes[frame.id].credit_lot.unpark_all()
+        elif isinstance(frame, Eof):
+            self.processes[frame.id]._on_eof(frame.ch)
+        elif isinstance(frame, Started):
+            self.processes[frame.id]._on_started(frame.pid)
+        elif isinstance(frame, Exit):
+            self.processes[frame.id]._on_exit(frame.code, frame.sig, frame.core)
+        elif isinstance(frame, SignalAck):
+            process = self.processes[frame.id]
+            if process._signal_waiters:
+                process._signal_done(frame.errno)
+        elif isinstance(frame, Closed):
+            self.processes.pop(frame.id, None)
+        elif isinstance(frame, Error):
+            self._on_error(frame)
+        elif isinstance(frame, Log):
+            agent_logger.log(_LOG_LEVELS.get(frame.level, logging.INFO), "%s%s", frame.msg,
+                             "".join(f" {k}={v}" for k, v in frame.attrs.items()),
+                             extra={"attrs": frame.attrs})
+        elif isinstance(frame, Hello):
+            self._hello.set()
+        elif isinstance(frame, Ping):
+            self.send(Pong(frame.n))
+        elif isinstance(frame, Pong):
+            event = self._pings.pop(frame.n, None)
+            if event is not None:
+                event.set()
+        elif isinstance(frame, Goodbye):
+            self._goodbye.set()
+
+    def _on_error(self, frame: Error) -> None:
+        error = RemoteError(frame.kind, frame.msg, frame.errno)
+        process = self.processes.get(frame.id) if frame.id is not None else None
+        if process is None:
+            agent_logger.error("agent error: %s", error)
+            return
+        process._on_error(error, frame.ref)
+
+    # ------------------------------------------------------------------ API
+
+    def _start(
+        self,
+        argv: Sequence[StrOrBytes | os.PathLike[str]],
+        *,
+        path: StrOrBytes | os.PathLike[str] | None = None,
+        env: Mapping[StrOrBytes, StrOrBytes] | None = None,
+        env_overrides: Mapping[StrOrBytes, StrOrBytes] | None = None,
+        env_remove: Sequence[StrOrBytes] = (),
+        cwd: StrOrBytes | os.PathLike[str] | None = None,
+        extra_fds: Sequence[int] = (),
+        drop_sudo_credentials: bool = False,
+    ) -> RemoteProcess:
+        self.raise_if_lost()
+        if isinstance(argv, (str, bytes)):
+            raise TypeError("argv must be a sequence of arguments, not a single string")
+        args = [_os_bytes(a) for a in argv]
+        id = next(self._ids)
+        frame = Exec(
+            id=id,
+            argv=tuple(args),
+            path=None if path is None else _os_bytes(path),
+            env=None if env is None else tuple(
+                _os_bytes(k) + b"=" + _os_bytes(v) for k, v in env.items()),
+            env_set=tuple(_os_bytes(k) + b"=" + _os_bytes(v)
+                          for k, v in (env_overrides or {}).items()),
+            env_unset=tuple(_os_bytes(k) for k in env_remove),
+            cwd=None if cwd is None else _os_bytes(cwd),
+            fds=tuple(extra_fds),
+            drop_sudo=drop_sudo_credentials,
+        )
+        data = self.conn.send(frame)  # validates: raises LocalProtocolError on bad input
+        process = RemoteProcess(self, id, list(argv), tuple(extra_fds))  # type: ignore[arg-type]
+        self.processes[id] = process
+        self.writer.send_control(data)
+        return process
+
+    async def open_process(
+        self,
+        argv: Sequence[StrOrBytes | os.PathLike[str]],
+        *,
+        path: StrOrBytes | os.PathLike[str] | None = None,
+        env: Mapping[StrOrBytes, StrOrBytes] | None = None,
+        env_overrides: Mapping[StrOrBytes, StrOrBytes] | None = None,
+        env_remove: Sequence[StrOrBytes] = (),
+        cwd: StrOrBytes | os.PathLike[str] | None = None,
+        extra_fds: Sequence[int] = (),
+        drop_sudo_credentials: bool = False,
+    ) -> RemoteProcess:
+        """Start ``argv`` on the agent's machine and return once it is running.
+
+        ``path`` is the program (default ``argv[0]``, looked up in the child's PATH when it
+        has no "/"); argv[0] is passed as given. ``env`` is the exact environment; without
+        it the child inherits the agent's (filtered by its environment policy), with
+        ``env_remove`` names removed and ``env_overrides`` applied. ``extra_fds`` are
+        child fd numbers (≥ 3) that appear as ``process.fds[n]``.
+
+        Raises OSError (FileNotFoundError, PermissionError, ...) when the program cannot
+        be started, :class:`RemoteError` for other refusals, :class:`AgentLost`. The
+        caller owns the process: use ``async with`` or ``aclose()`` to release it.
+        """
+        process = self._start(
+            argv, path=path, env=env, env_overrides=env_overrides, env_remove=env_remove,
+            cwd=cwd, extra_fds=extra_fds, drop_sudo_credentials=drop_sudo_credentials,
+        )
+        try:
+            await process._wait_started()
+        except BaseException:
+            await process.aclose()
+            raise
+        return process
+
+    async def run_process(
+        self,
+        argv: Sequence[StrOrBytes | os.PathLike[str]],
+        *,
+        stdin: bytes = b"",
+        capture_stdout: bool = False,
+        capture_stderr: bool = False,
+        check: bool = True,
+        path: StrOrBytes | os.PathLike[str] | None = None,
+        env: Mapping[StrOrBytes, StrOrBytes] | None = None,
+        env_overrides: Mapping[StrOrBytes, StrOrBytes] | None = None,
+        env_remove: Sequence[StrOrBytes] = (),
+        cwd: StrOrBytes | os.PathLike[str] | None = None,
+        drop_sudo_credentials: bool = False,
+    ) -> subprocess.CompletedProcess[bytes]:
+        """Run ``argv`` to completion, like :func:`trio.run_process`.
+
+        Exec, stdin and its eof are sent at once (no round trip before the data). Output
+        that is not captured goes to this process's stdout/stderr. With ``check``, a
+        non-zero exit raises :class:`subprocess.CalledProcessError`. On cancellation the
+        remote process group is killed and the child reaped before this returns.
+        """
+        process = self._start(
+            argv, path=path, env=env, env_overrides=env_overrides, env_remove=env_remove,
+            cwd=cwd, drop_sudo_credentials=drop_sudo_credentials,
+        )
+        outputs: dict[int, bytearray] = {1: bytearray(), 2: bytearray()}
+        capture = {1: capture_stdout, 2: capture_stderr}
+
+        async def sink(ch: int, chunk: bytes) -> None:
+            if capture[ch]:
+                outputs[ch] += chunk
+            else:
+                await _write_local(ch, chunk)
+
+        async def collect(ch: int) -> None:
+            stream = process.stdout if ch == 1 else process.stderr
+            while chunk := await stream.receive_some():
+                await sink(ch, chunk)
+
+        async def feed() -> None:
+            try:
+                if stdin:
+                    await process.stdin.send_all(stdin)
+                await process.stdin.aclose()
+            except trio.BrokenResourceError:
+                pass  # the child stopped reading its stdin: like trio, not an error
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(feed)
+                async with trio.open_nursery() as readers:
+                    readers.start_soon(collect, 1)
+                    readers.start_soon(collect, 2)
+                    await process._wait_started()
+                    await process.wait()
+                    # All output written before the exit arrived before it; a background
+                    # process still holding the pipes must not keep us waiting.
+                    readers.cancel_scope.cancel()
+                for ch in (1, 2):
+                    for chunk in process._outputs[ch].take_buffered():
+                        await sink(ch, chunk)
+                nursery.cancel_scope.cancel()
+        finally:
+            await process.aclose()
+        assert process.returncode is not None
+        if check and process.returncode:
+            raise subprocess.CalledProcessError(
+                process.returncode, process.args, bytes(outputs[1]) if capture_stdout else None,
+                bytes(outputs[2]) if capture_stderr else None,
+            )
+        return subprocess.CompletedProcess(
+            process.args, process.returncode,
+            bytes(outputs[1]) if capture_stdout else None,
+            bytes(outputs[2]) if capture_stderr else None,
+        )
+
+    async def configure_env(
+        self, *, keep: Sequence[str] | None = None, remove: Sequence[str] | None = None
+    ) -> None:
+        """Replace the agent's environment policy lists for later inherited environments
+        (globs, or ``/regex/``); None leaves a list as it is."""
+        self.send(Config(
+            env_keep=None if keep is None else tuple(keep),
+            env_remove=None if remove is None else tuple(remove),
+        ))
+        await self.ping()  # the config is applied once the pong arrives (frames are ordered)
+
+    async def ping(self) -> float:
+        """Round trip to the agent, in seconds."""
+        n = next(self._ping_ids)
+        event = trio.Event()
+        self._pings[n] = event
+        start = trio.current_time()
+        self.send(Ping(n))
+        await event.wait()
+        self.raise_if_lost()
+        return trio.current_time() - start
+
+    async def aclose(self) -> None:
+        """Finish gracefully: close every process's stdin, discard its unread output, wait
+        for it to exit and release it; then shutdown and wait for the agent's goodbye."""
+        if self.lost is not None:
+            return
+        async with trio.open_nursery() as nursery:
+            for process in list(self.processes.values()):
+                nursery.start_soon(_finish, process)
+        self.send(Shutdown())
+        await self._goodbye.wait()
+        self.raise_if_lost()
+
+    def _abort(self) -> None:
+        """Stop everything at once: the agent sees the stream end and kills every child."""
+        self._lose("the controller left")
+
+
+async def _finish(process: RemoteProcess) -> None:
+    if process.closed:
+        return
+    await process.stdin.aclose()
+    for incoming in process._outputs.values():
+        incoming.stop_reading()
+    await process.wait()
+    await process.aclose()
+
+
+async def _write_local(ch: int, chunk: bytes) -> None:
+    """Write to our stdout (1) or stderr (2); never cancelled halfway (no chunk is lost)."""
+    stream = sys.stdout.buffer if ch == 1 else sys.stderr.buffer
+
+    def write() -> None:
+        stream.write(chunk)
+        stream.flush()
+
+    with trio.CancelScope(shield=True):
+        await trio.to_thread.run_sync(write)
+
+
+@asynccontextmanager
+async def _serve(transport: Transport, *, window: int, max_frame: int) -> AsyncIterator[Agent]:
+    agent = Agent(transport, window=window, max_frame=max_frame)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(agent._write_loop)
+        nursery.start_soon(agent._read_loop)
+        agent.writer.send_control(agent.conn.initiate())
+        try:
+            await agent._hello.wait()
+            agent.raise_if_lost()
+            yield agent
+            await agent.aclose()
+        except BaseException:
+            agent._abort()
+            raise
+        finally:
+            nursery.cancel_scope.cancel()
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                await transport.aclose()
+
+
+@asynccontextmanager
+async def connect(
+    send_stream: trio.abc.SendStream | Transport,
+    receive_stream: trio.abc.ReceiveStream | None = None,
+    *,
+    window: int = DEFAULT_WINDOW,
+    max_frame: int = DEFAULT_MAX_FRAME,
+) -> AsyncIterator[Agent]:
+    """Speak to an agent over already-open streams (a bidirectional trio stream, a
+    send/receive pair, or a :class:`~agent.transport.Transport`).
+
+    Performs the handshake and yields the :class:`Agent`. Leaving the block normally
+    finishes every process and shuts the agent down (``Agent.aclose``); leaving by an
+    exception or cancellation closes the stream, upon which the agent kills every child.
+    The streams are closed either way.
+    """
+    if receive_stream is None and hasattr(send_stream, "receive"):
+        transport: Transport = send_stream  # type: ignore[assignment]
+    else:
+        receive = receive_stream if receive_stream is not None else send_stream
+        assert isinstance(send_stream, trio.abc.SendStream)
+        assert isinstance(receive, trio.abc.ReceiveStream)
+        transport = StreamTransport(send_stream, receive)
+    async with _serve(transport, window=window, max_frame=max_frame) as agent:
+        yield agent
+
+
+@asynccontextmanager
+async def open_agent(
+    command: Sequence[str] | None = None,
+    *,
+    window: int = DEFAULT_WINDOW,
+    max_frame: int = DEFAULT_MAX_FRAME,
+    agent_args: Sequence[str] = (),
+    stderr: int | None = None,
+    shutdown_timeout: float = 30.0,
+) -> AsyncIterator[Agent]:
+    """Start an agent process and connect to it.
+
+    ``command`` is the argv that starts the agent: by default this Python running the
+    ``agent`` package locally; e.g. ``["ssh", "host", "mproxy-agent"]`` for a remote one.
+    ``agent_args`` are appended (e.g. ``["--grace", "1"]``). The agent's stderr goes to
+    ours unless ``stderr`` says otherwise (a subprocess-style fd or DEVNULL).
+
+    Leaving the block shuts the agent down gracefully (see :func:`connect`), or, on an
+    exception or cancellation, closes its stdin so it kills every child; then waits for
+    the agent process to exit (killing it after ``shutdown_timeout`` seconds).
+    """
+    argv = list(command) if command is not None else [sys.executable, "-m", "agent"]
+    argv += agent_args
+    to_agent_r, to_agent_w = os.pipe()
+    from_agent_r, from_agent_w = os.pipe()
+    try:
+        process = await trio.lowlevel.open_process(
+            argv, stdin=to_agent_r, stdout=from_agent_w, stderr=stderr
+        )
+    except BaseException:
+        for fd in (to_agent_r, to_agent_w, from_agent_r, from_agent_w):
+            os.close(fd)
+        raise
+    os.close(to_agent_r)
+    os.close(from_agent_w)
+    transport = FdTransport(from_agent_r, to_agent_w)
+    try:
+        async with _serve(transport, window=window, max_frame=max_frame) as agent:
+            yield agent
+    except AgentLost as exc:
+        with trio.CancelScope(shield=True), trio.move_on_after(shutdown_timeout):
+            await process.wait()
+        raise AgentLost(f"{exc} (agent exit status {process.returncode})") from None
+    finally:
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(shutdown_timeout):
+                await process.wait()
+            if process.returncode is None:
+                process.kill()
+                await process.wait()

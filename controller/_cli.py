@@ -1,0 +1,264 @@
+"""``mproxy-exec``: run one program through an agent, as if it were local.
+
+Exit status: the program's (128+N when killed by signal N); 127 when it was not found,
+126 when it could not be executed; 255 when the agent or its transport failed; 2 for
+usage errors. Never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import shlex
+import signal
+import socket
+import stat
+import sys
+from collections.abc import Sequence
+from typing import Final
+
+import trio
+
+from ._agent import Agent, open_agent
+from ._errors import AgentError, RemoteError
+from ._process import RemoteProcess
+
+__all__ = ["main"]
+
+FORWARDED_SIGNALS: Final = (
+    signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
+    signal.SIGUSR2,
+)
+_READ_SIZE: Final = 1 << 18
+_EXIT_AGENT_FAILED: Final = 255
+_USAGE: Final = 2
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise _UsageError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(
+        prog="mproxy-exec",
+        description="Run PROG through an mproxy agent (local by default, or over ssh) with "
+        "this terminal's stdin, stdout and stderr, forwarding signals and the exit status.",
+    )
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--agent", metavar="CMD",
+                       help="command that starts an agent, split like a shell would "
+                       "(e.g. 'ssh -p 2222 host /opt/bin/mproxy-agent')")
+    where.add_argument("--ssh", metavar="DEST",
+                       help="short for --agent 'ssh DEST mproxy-agent'")
+    parser.add_argument("-o", dest="ssh_options", action="append", default=[],
+                        metavar="SSH_OPTION", help="ssh -o option (with --ssh)")
+    parser.add_argument("--env", action="append", default=[], metavar="K=V",
+                        help="set a variable in the child's environment")
+    parser.add_argument("--unset", action="append", default=[], metavar="NAME",
+                        help="remove a variable from the child's environment")
+    parser.add_argument("--clear-env", action="store_true",
+                        help="start from an empty environment (then apply --env)")
+    parser.add_argument("--cwd", metavar="DIR", help="the child's working directory")
+    parser.add_argument("--fd", action="append", type=int, default=[], metavar="N",
+                        help="bridge our fd N to the child's fd N (N >= 3)")
+    parser.add_argument("--drop-sudo", action="store_true",
+                        help="run as $SUDO_UID/$SUDO_GID when the agent runs as root")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show the agent's log records on stderr")
+    parser.add_argument("prog", metavar="PROG")
+    parser.add_argument("args", nargs=argparse.REMAINDER, metavar="ARG")
+    return parser
+
+
+def _agent_command(args: argparse.Namespace) -> list[str] | None:
+    if args.agent is not None:
+        try:
+            command = shlex.split(args.agent)
+        except ValueError as exc:
+            raise _UsageError(f"--agent: {exc}") from None
+        if not command:
+            raise _UsageError("--agent: empty command")
+        return command
+    if args.ssh is not None:
+        options = [item for opt in args.ssh_options for item in ("-o", opt)]
+        return ["ssh", *options, "--", args.ssh, "mproxy-agent"]
+    if args.ssh_options:
+        raise _UsageError("-o is only for --ssh")
+    return None
+
+
+def _directions(fd: int) -> tuple[bool, bool]:
+    """(we read it → child, child → we write it) for our fd N."""
+    try:
+        mode = os.fstat(fd).st_mode
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    except OSError as exc:
+        raise _UsageError(f"--fd {fd}: {exc.strerror}") from None
+    if stat.S_ISSOCK(mode):
+        return True, True
+    access = flags & os.O_ACCMODE
+    return access in (os.O_RDONLY, os.O_RDWR), access in (os.O_WRONLY, os.O_RDWR)
+
+
+async def _read_local(fd: int) -> bytes:
+    return await trio.to_thread.run_sync(os.read, fd, _READ_SIZE, abandon_on_cancel=True)
+
+
+async def _write_local(fd: int, data: bytes | bytearray) -> None:
+    def write_all() -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+
+    with trio.CancelScope(shield=True):  # a chunk taken from the stream is never lost
+        await trio.to_thread.run_sync(write_all)
+
+
+class _Session:
+    def __init__(self, agent: Agent, process: RemoteProcess, fds: dict[int, tuple[bool, bool]]):
+        self.agent = agent
+        self.process = process
+        self.fds = fds
+
+    async def pump_in(self, fd: int, stream: trio.abc.SendStream) -> None:
+        """Our fd → the child; eof (half-close) when our side ends."""
+        try:
+            while data := await _read_local(fd):
+                await stream.send_all(data)
+        except OSError as exc:
+            if exc.errno != errno.EIO:
+                raise
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return  # the child stopped reading: like a local pipe, nothing to report
+        if isinstance(stream, trio.abc.HalfCloseableStream):
+            await stream.send_eof()
+        else:
+            await stream.aclose()
+
+    async def pump_out(self, stream: trio.abc.ReceiveStream, fd: int, is_socket: bool) -> None:
+        """The child → our fd until EOF; a closed reader on our side gets the child a
+        SIGPIPE, as a local pipeline would."""
+        while chunk := await stream.receive_some():
+            try:
+                await _write_local(fd, chunk)
+            except BrokenPipeError:
+                await self.process.send_signal("PIPE")
+                await stream.aclose()
+                return
+        if is_socket:
+            with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as sock:
+                sock.shutdown(socket.SHUT_WR)
+
+    async def forward_signals(self) -> None:
+        with trio.open_signal_receiver(*FORWARDED_SIGNALS) as signals:
+            async for signum in signals:
+                try:
+                    await self.process.send_signal(signal.Signals(signum))
+                except OSError as exc:
+                    print(f"mproxy-exec: forwarding {signal.Signals(signum).name}: {exc}",
+                          file=sys.stderr)
+
+    async def run(self) -> int:
+        process = self.process
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.forward_signals)
+            nursery.start_soon(self.pump_in, 0, process.stdin)
+            outputs: list[tuple[trio.abc.ReceiveStream, int, bool]] = [
+                (process.stdout, 1, False), (process.stderr, 2, False)]
+            for n, (readable, writable) in self.fds.items():
+                if readable:
+                    nursery.start_soon(self.pump_in, n, process.fds[n])
+                else:
+                    await process.fds[n].send_eof()
+                if writable:
+                    outputs.append((process.fds[n], n, stat.S_ISSOCK(os.fstat(n).st_mode)))
+            async with trio.open_nursery() as output_nursery:
+                for stream, fd, is_socket in outputs:
+                    output_nursery.start_soon(self.pump_out, stream, fd, is_socket)
+                returncode = await process.wait()
+                # Everything written before the exit arrived before it: write what is
+                # buffered, but do not wait for a background process holding the pipes.
+                output_nursery.cancel_scope.cancel()
+            for stream, fd, _ in outputs:
+                for chunk in _buffered(stream):
+                    try:
+                        await _write_local(fd, chunk)
+                    except BrokenPipeError:
+                        break
+            nursery.cancel_scope.cancel()
+        assert process.exit_code is not None
+        del returncode
+        return process.exit_code
+
+
+def _buffered(stream: trio.abc.ReceiveStream) -> list[bytes]:
+    incoming = getattr(stream, "_in", None)
+    return incoming.take_buffered() if incoming is not None else []
+
+
+async def _main(args: argparse.Namespace, command: list[str] | None) -> int:
+    fds = {n: _directions(n) for n in args.fd}
+    env_overrides = {}
+    for item in args.env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise _UsageError(f"--env {item!r}: expected K=V")
+        env_overrides[key] = value
+    async with open_agent(command) as agent:
+        try:
+            process = await agent.open_process(
+                [args.prog, *args.args],
+                env=env_overrides if args.clear_env else None,
+                env_overrides=None if args.clear_env else env_overrides,
+                env_remove=() if args.clear_env else args.unset,
+                cwd=args.cwd,
+                extra_fds=sorted(fds),
+                drop_sudo_credentials=args.drop_sudo,
+            )
+        except OSError as exc:
+            print(f"mproxy-exec: {args.prog}: {exc.strerror or exc}", file=sys.stderr)
+            return 127 if exc.errno == errno.ENOENT else 126
+        async with process:
+            return await _Session(agent, process, fds).run()
+
+
+def _check_fds(fds: list[int]) -> None:
+    for n in fds:
+        if n < 3:
+            raise _UsageError(f"--fd {n}: extra fds must be >= 3 (0-2 are bridged already)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+        command = _agent_command(args)
+        _check_fds(args.fd)
+    except _UsageError as exc:
+        print(f"mproxy-exec: {exc}\n{_parser().format_usage()}", end="", file=sys.stderr)
+        return _USAGE
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.ERROR, stream=sys.stderr,
+        format="mproxy-exec: agent %(levelname)s: %(message)s",
+    )
+    try:
+        return trio.run(_main, args, command)
+    except _UsageError as exc:
+        print(f"mproxy-exec: {exc}", file=sys.stderr)
+        return _USAGE
+    except (AgentError, RemoteError, trio.BrokenResourceError) as exc:
+        print(f"mproxy-exec: agent failed: {exc}", file=sys.stderr)
+        return _EXIT_AGENT_FAILED
+    except OSError as exc:
+        print(f"mproxy-exec: cannot start the agent: {exc}", file=sys.stderr)
+        return _EXIT_AGENT_FAILED
+    except KeyboardInterrupt:
+        return 130

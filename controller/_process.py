@@ -1,0 +1,215 @@
+"""A child process running under an agent, with trio's Process API."""
+
+from __future__ import annotations
+
+import errno as errno_module
+import signal as signal_module
+from collections import deque
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+import trio
+
+from protocol import Close, Signal
+
+from ._errors import RemoteError
+from ._streams import (
+    RemoteFdStream,
+    RemoteReceiveStream,
+    RemoteSendStream,
+    _Incoming,
+    _Outgoing,
+)
+
+if TYPE_CHECKING:
+    from ._agent import Agent
+
+__all__ = ["RemoteProcess", "signal_name"]
+
+#: How long leaving a RemoteProcess block waits for the killed child's exit frame.
+_KILL_WAIT = 10.0
+
+
+def signal_name(sig: signal_module.Signals | int | str) -> str:
+    """The wire name of a signal: "TERM" for signal.SIGTERM, 15, "SIGTERM" or "term"."""
+    if isinstance(sig, str):
+        name = sig.upper().removeprefix("SIG")
+        if not name:
+            raise ValueError(f"not a signal name: {sig!r}")
+        return name
+    return signal_module.Signals(sig).name.removeprefix("SIG")
+
+
+class RemoteProcess:
+    """A child of the agent. Mirrors :class:`trio.Process`.
+
+    ``stdin``, ``stdout``, ``stderr`` and ``fds[n]`` are trio streams wired through the
+    agent. ``returncode`` follows the subprocess convention (-N for signal N);
+    ``exit_code`` the seed's (128+N). Leaving ``async with`` kills the process group if
+    the child is still running, waits for its exit and releases it on the agent.
+    """
+
+    def __init__(
+        self, agent: Agent, id: int, args: list[bytes | str], fds: tuple[int, ...]
+    ) -> None:
+        self._agent = agent
+        self.id = id
+        self.args = args
+        self.pid: int | None = None
+        self.returncode: int | None = None
+        self.exit_code: int | None = None
+        self.signal: str | None = None  # name of the signal that killed it
+        self.core_dumped = False
+        self.closed = False  # close sent: nothing more flows either way
+        self.spawn_error: RemoteError | OSError | None = None
+        self.errors: list[RemoteError] = []
+        self.credit_lot = trio.lowlevel.ParkingLot()
+        self._started = trio.Event()
+        self._exited = trio.Event()
+        self._signal_waiters: deque[trio.Event] = deque()
+        self._signal_results: dict[trio.Event, str | None] = {}
+        self._stdin = _Outgoing(agent, self, 0)
+        self._outputs = {1: _Incoming(agent, self, 1), 2: _Incoming(agent, self, 2)}
+        self._fd_out = {n: _Outgoing(agent, self, n) for n in fds}
+        for n in fds:
+            self._outputs[n] = _Incoming(agent, self, n)
+        self.stdin = RemoteSendStream(self._stdin)
+        self.stdout = RemoteReceiveStream(self._outputs[1])
+        self.stderr = RemoteReceiveStream(self._outputs[2])
+        self.fds = {n: RemoteFdStream(self._fd_out[n], self._outputs[n]) for n in fds}
+
+    def __repr__(self) -> str:
+        state = f"returncode={self.returncode}" if self.returncode is not None else "running"
+        return f"<RemoteProcess id={self.id} pid={self.pid} {self.args!r}: {state}>"
+
+    # ------------------------------------------------------------------ frames in
+
+    def _on_started(self, pid: int) -> None:
+        self.pid = pid
+        self._started.set()
+
+    def _on_exit(self, code: int, sig: str | None, core: bool) -> None:
+        self.exit_code = code
+        self.signal = sig
+        self.core_dumped = core
+        number = getattr(signal_module, f"SIG{sig}", None) if sig else None
+        self.returncode = -int(number) if number is not None else code
+        self._exited.set()
+        self._started.set()
+
+    def _on_data(self, ch: int, data: bytes) -> None:
+        self._outputs[ch].feed(data)
+
+    def _on_eof(self, ch: int) -> None:
+        self._outputs[ch].feed_eof()
+
+    def _on_error(self, error: RemoteError, ref: str | None) -> None:
+        if ref == "exec":
+            number = getattr(errno_module, error.errno or "", None)
+            self.spawn_error = (
+                OSError(number, error.message) if number else error
+            )
+            self._started.set()
+        elif ref == "signal" and self._signal_waiters:
+            self._signal_done(error.errno or "ESRCH")
+        elif ref == "data" and error.kind == "write-failed":
+            for out in (self._stdin, *self._fd_out.values()):
+                out.broken = f"the child no longer reads this stream: {error}"
+            self.credit_lot.unpark_all()
+        else:
+            self.errors.append(error)
+
+    def _signal_done(self, errno_name: str | None) -> None:
+        event = self._signal_waiters.popleft()
+        self._signal_results[event] = errno_name
+        event.set()
+
+    def _on_lost(self) -> None:
+        for event in (self._started, self._exited, *self._signal_waiters):
+            event.set()
+        self.credit_lot.unpark_all()
+        for incoming in self._outputs.values():
+            incoming.wake()
+
+    # ------------------------------------------------------------------ API
+
+    async def _wait_started(self) -> None:
+        await self._started.wait()
+        if self.spawn_error is not None:
+            raise self.spawn_error
+        self._agent.raise_if_lost()
+
+    async def wait(self) -> int:
+        """Wait for the child to exit; return ``returncode``. Raises AgentLost if the
+        agent goes away first. Cancelling the wait leaves the child running."""
+        await self._exited.wait()
+        if self.returncode is None:
+            self._agent.raise_if_lost()
+        assert self.returncode is not None
+        return self.returncode
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    async def send_signal(self, sig: signal_module.Signals | int | str) -> None:
+        """Deliver ``sig`` to the child's process group and wait for the agent's
+        acknowledgement. A no-op once the child has exited (as with Popen). Raises
+        OSError with the errno the agent reported (EPERM, ...)."""
+        name = signal_name(sig)
+        if self.returncode is not None or self.closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._agent.raise_if_lost()
+        event = trio.Event()
+        self._signal_waiters.append(event)
+        self._agent.send(Signal(self.id, name))
+        await event.wait()
+        self._agent.raise_if_lost()
+        errno_name = self._signal_results.pop(event, None)
+        if errno_name is None or (errno_name == "ESRCH" and self.returncode is not None):
+            return
+        if errno_name == "ESRCH":
+            return  # exited meanwhile
+        number = getattr(errno_module, errno_name, 0)
+        raise OSError(number, f"signal {name} to process {self.pid}: {errno_name}")
+
+    async def terminate(self) -> None:
+        await self.send_signal("TERM")
+
+    async def kill(self) -> None:
+        await self.send_signal("KILL")
+
+    async def aclose(self) -> None:
+        """Kill the child's group if it is still running, wait for its exit, release it.
+
+        Safe to call more than once; runs to completion even when cancelled (bounded)."""
+        with trio.CancelScope(shield=True):
+            if self.closed or self._agent.lost:
+                self._close_streams()
+                return
+            with trio.move_on_after(_KILL_WAIT):
+                if self.returncode is None and self.pid is not None:
+                    await self.kill()
+                await self._exited.wait()
+            self._close_streams()
+            self.closed = True
+            if not self._agent.lost:
+                self._agent.send(Close(self.id))
+
+    def _close_streams(self) -> None:
+        self._stdin.eof_sent = True
+        for out in self._fd_out.values():
+            out.eof_sent = True
+        for incoming in self._outputs.values():
+            incoming.stop_reading()
+
+    async def __aenter__(self) -> RemoteProcess:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()

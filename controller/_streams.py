@@ -1,0 +1,215 @@
+"""The trio streams of a remote process: stdin, stdout, stderr and extra fds."""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING
+
+import trio
+
+from protocol import Eof, Window
+
+if TYPE_CHECKING:
+    from ._agent import Agent
+    from ._process import RemoteProcess
+
+__all__ = ["RemoteFdStream", "RemoteReceiveStream", "RemoteSendStream"]
+
+
+class _Outgoing:
+    """Controller → child on one channel: chunks data by credit and frame size."""
+
+    def __init__(self, agent: Agent, process: RemoteProcess, ch: int) -> None:
+        self._agent = agent
+        self._process = process
+        self._ch = ch
+        self._busy = False
+        self.eof_sent = False
+        self.broken: str | None = None  # why writes fail (EPIPE at the child)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._busy:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        self._busy = True
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            view = memoryview(data if isinstance(data, bytes) else bytes(data))
+            while True:
+                self._check_open()
+                if not view:
+                    break
+                credit = await self._wait_credit()
+                size = min(credit, len(view), self._agent.conn.max_data_payload)
+                chunk = view[:size]
+                header = self._agent.conn.send_data(self._process.id, self._ch, chunk)
+                self._agent.writer.send_data(header, chunk)
+                view = view[size:]
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        finally:
+            self._busy = False
+
+    async def _wait_credit(self) -> int:
+        while True:
+            self._check_open()
+            credit = self._agent.conn.send_credit(self._process.id, self._ch)
+            if credit:
+                return credit
+            await self._process.credit_lot.park()
+
+    def _check_open(self) -> None:
+        self._agent.raise_if_lost()
+        if self.eof_sent or self._process.closed:
+            raise trio.ClosedResourceError("the stream was closed")
+        if self.broken is not None:
+            raise trio.BrokenResourceError(self.broken)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._wait_credit()
+
+    def send_eof(self) -> None:
+        if not self.eof_sent and not self._process.closed and not self._agent.lost:
+            self.eof_sent = True
+            # Through the data queue: the eof must not overtake the data before it.
+            self._agent.writer.send_data(self._agent.conn.send(Eof(self._process.id, self._ch)))
+        self.eof_sent = True
+
+
+class _Incoming:
+    """Child → controller on one channel: buffers what arrived, grants credit as read."""
+
+    def __init__(self, agent: Agent, process: RemoteProcess, ch: int) -> None:
+        self._agent = agent
+        self._process = process
+        self._ch = ch
+        self._chunks: deque[bytes] = deque()
+        self.eof = False
+        self._consumed = 0
+        self._lot = trio.lowlevel.ParkingLot()
+        self._busy = False
+        self.discard = False  # nobody will read: grant credit on arrival
+
+    def feed(self, data: bytes) -> None:
+        if self.discard:
+            self._grant(len(data))
+        elif data:
+            self._chunks.append(data)
+            self._lot.unpark_all()
+
+    def feed_eof(self) -> None:
+        self.eof = True
+        self._lot.unpark_all()
+
+    def wake(self) -> None:
+        self._lot.unpark_all()
+
+    def take_buffered(self) -> list[bytes]:
+        """Remove and return what has arrived and not been read."""
+        chunks = list(self._chunks)
+        self._chunks.clear()
+        self._grant(sum(map(len, chunks)))
+        return chunks
+
+    def stop_reading(self) -> None:
+        """Discard what is buffered and what arrives from now on."""
+        self.discard = True
+        pending = sum(len(c) for c in self._chunks)
+        self._chunks.clear()
+        self._grant(pending)
+
+    def _grant(self, size: int) -> None:
+        self._consumed += size
+        if self._consumed >= self._agent.conn.our_hello.window // 2:
+            if not self._process.closed and not self._agent.lost:
+                self._agent.send(Window(self._process.id, self._ch, self._consumed))
+            self._consumed = 0
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._busy:
+            raise trio.BusyResourceError("another task is receiving on this stream")
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError("max_bytes must be >= 1")
+        self._busy = True
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            while not self._chunks:
+                if self.eof:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    return b""
+                if self.discard:
+                    raise trio.ClosedResourceError("the stream was closed")
+                self._agent.raise_if_lost()
+                await self._lot.park()
+            head = self._chunks[0]
+            if max_bytes is None or max_bytes >= len(head):
+                self._chunks.popleft()
+                result = head
+            else:
+                result = head[:max_bytes]
+                self._chunks[0] = head[max_bytes:]
+            self._grant(len(result))
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return result
+        finally:
+            self._busy = False
+
+
+class RemoteSendStream(trio.abc.SendStream):
+    """The child's stdin. ``send_all`` waits for flow-control credit; ``aclose`` sends
+    eof (the child sees end of input). If the child closed its stdin, ``send_all``
+    raises :class:`trio.BrokenResourceError`; if the agent is lost, :class:`AgentLost`."""
+
+    def __init__(self, outgoing: _Outgoing) -> None:
+        self._out = outgoing
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._out.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._out.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        self._out.send_eof()
+        await trio.lowlevel.checkpoint()
+
+
+class RemoteReceiveStream(trio.abc.ReceiveStream):
+    """The child's stdout or stderr. Reading grants the agent credit to send more: a
+    stream nobody reads stops the child once the window is full (bounded memory).
+    Returns ``b""`` at EOF; raises :class:`AgentLost` if the agent is lost first."""
+
+    def __init__(self, incoming: _Incoming) -> None:
+        self._in = incoming
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return await self._in.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        self._in.stop_reading()
+        await trio.lowlevel.checkpoint()
+
+
+class RemoteFdStream(trio.abc.HalfCloseableStream):
+    """An extra fd channel: bidirectional, with ``send_eof`` as a half-close (the
+    child's socket is shut down for writing only)."""
+
+    def __init__(self, outgoing: _Outgoing, incoming: _Incoming) -> None:
+        self._out = outgoing
+        self._in = incoming
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._out.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._out.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        self._out.send_eof()
+        await trio.lowlevel.checkpoint()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return await self._in.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        self._out.send_eof()
+        self._in.stop_reading()
+        await trio.lowlevel.checkpoint()
