@@ -12,6 +12,7 @@ the untouched payload (``encode_data_header``), with no copy of the payload.
 from __future__ import annotations
 
 import dataclasses
+import reprlib
 import struct
 from collections.abc import Callable, Mapping
 from typing import Any, Final
@@ -36,6 +37,7 @@ from ._frames import (
 __all__ = [
     "HEADER_SIZE",
     "MAX_ID",
+    "PROTOCOL_VERSION",
     "FrameInvalid",
     "check_frame",
     "decode_body",
@@ -43,6 +45,8 @@ __all__ = [
     "encode_data_header",
 ]
 
+#: The protocol version this implementation speaks. Peers must announce the same.
+PROTOCOL_VERSION: Final = 1
 #: Size of the length prefix in front of every frame body.
 HEADER_SIZE: Final = 4
 #: Child ids, pids, byte counts and credits are msgpack unsigned integers below 2**64.
@@ -87,7 +91,9 @@ def encode(frame: Frame) -> bytes:
         value = getattr(frame, name)
         if value is not None:
             body[name] = _wire_value(value)
-    packed: bytes = msgpack.packb(body, use_bin_type=True)
+    # surrogateescape mirrors the decoder: a str that arrived with invalid UTF-8 (and so
+    # holds escaped bytes) can be sent back as it came instead of failing to encode.
+    packed: bytes = msgpack.packb(body, use_bin_type=True, unicode_errors="surrogateescape")
     return _LENGTH.pack(len(packed)) + packed
 
 
@@ -278,7 +284,16 @@ def decode_body(body: Mapping[str, object]) -> Frame:
         raise FrameInvalid(ErrorKind.BAD_FRAME, "frame has no string field 't' (its type)")
     fields = _FIELDS.get(ftype)
     if fields is None:
-        raise FrameInvalid(ErrorKind.UNKNOWN_TYPE, f"unknown frame type {ftype!r}")
+        raise FrameInvalid(ErrorKind.UNKNOWN_TYPE, f"unknown frame type {_clip(ftype)}")
+    if ftype == "hello":
+        # Checked before the other fields: another version may shape its hello differently.
+        version = body.get("version")
+        if type(version) is int and 0 <= version != PROTOCOL_VERSION:
+            raise FrameInvalid(
+                ErrorKind.VERSION_MISMATCH,
+                f"hello frame: peer speaks protocol version {version}, "
+                f"this side speaks {PROTOCOL_VERSION}",
+            )
     kwargs: dict[str, object] = {}
     for key, attr, convert, required in fields:
         value = body.get(key)
@@ -300,11 +315,23 @@ def decode_body(body: Mapping[str, object]) -> Frame:
     return frame
 
 
+# Bounded in depth and length: a plain repr() of a deeply nested msgpack value raises
+# RecursionError, and error messages travel back to the peer inside one frame.
+_REPR: Final = reprlib.Repr()
+_REPR.maxlevel = 3
+_REPR.maxstring = _REPR.maxother = 40
+
+
 def _describe(value: object) -> str:
-    text = repr(value)
+    text = _REPR.repr(value)
     if len(text) > 40:
         text = text[:37] + "..."
     return f"{type(value).__name__} {text}"
+
+
+def _clip(text: str) -> str:
+    """``repr(text)``, shortened when long (peer-chosen strings echoed in messages)."""
+    return _REPR.repr(text)
 
 
 # ---------------------------------------------------------------------------- content rules
@@ -321,7 +348,8 @@ def check_frame(frame: Frame) -> None:
         if frame.sig not in SIGNAL_NAMES:
             hint = " (names go without the SIG prefix)" if frame.sig.startswith("SIG") else ""
             raise FrameInvalid(
-                ErrorKind.BAD_SIGNAL, f"signal frame: unknown signal name {frame.sig!r}{hint}"
+                ErrorKind.BAD_SIGNAL,
+                f"signal frame: unknown signal name {_clip(frame.sig)}{hint}",
             )
     elif isinstance(frame, Window):
         if frame.n == 0:

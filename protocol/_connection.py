@@ -12,7 +12,10 @@ from enum import StrEnum
 from typing import Final
 
 from ._codec import (
+    HEADER_SIZE,
     MAX_ID,
+    MIN_MAX_FRAME,
+    PROTOCOL_VERSION,
     FrameInvalid,
     check_frame,
     encode,
@@ -55,9 +58,7 @@ __all__ = [
     "Role",
 ]
 
-#: The protocol version this implementation speaks. Peers must announce the same.
-PROTOCOL_VERSION: Final = 1
-#: Default largest frame (prefix + body) each side accepts.
+#: Default largest frame body (the length in the 4-byte prefix) each side accepts.
 DEFAULT_MAX_FRAME: Final = 4 << 20
 #: Default initial credit, in bytes, per channel and direction.
 DEFAULT_WINDOW: Final = 1 << 20
@@ -241,10 +242,19 @@ class Connection:
                 if exc.fatal:
                     self._fatal = exc
                 elif self.their_hello is None:
-                    exc = RemoteProtocolError(
-                        ErrorKind.HANDSHAKE, f"bad first frame: {exc.message}", fatal=True
-                    )
+                    if exc.kind is ErrorKind.VERSION_MISMATCH:
+                        exc = RemoteProtocolError(
+                            exc.kind, exc.message, ref=exc.ref, fatal=True
+                        )
+                    else:
+                        exc = RemoteProtocolError(
+                            ErrorKind.HANDSHAKE, f"bad first frame: {exc.message}", fatal=True
+                        )
                     self._fatal = exc
+                elif exc.kind is ErrorKind.VERSION_MISMATCH:
+                    exc = RemoteProtocolError(
+                        ErrorKind.HANDSHAKE, f"second hello frame: {exc.message}", ref="hello"
+                    )
                 raise exc from None
             if frame is None:
                 if not self._eof:
@@ -285,6 +295,13 @@ class Connection:
                 )
             self.their_hello = frame
             return True
+        if self.goodbye and self.role is Role.CONTROLLER:
+            raise RemoteProtocolError(
+                ErrorKind.BAD_FRAME,
+                f"{frame.TYPE} frame after goodbye (nothing may follow goodbye)",
+                id=getattr(frame, "id", None),
+                ref=frame.TYPE,
+            )
         if not isinstance(frame, _SENT_BY[self.peer_role]):
             raise RemoteProtocolError(
                 ErrorKind.BAD_FRAME,
@@ -349,8 +366,8 @@ class Connection:
 
     def _accept_data(self, frame: Data) -> bool:
         child = self._remote_child(frame, frame.id)
-        if child.closing and self.role is Role.CONTROLLER:
-            return False
+        if child.closing:
+            return self._after_close(frame)
         self._check_recv_channel(child, frame, frame.ch)
         size = len(frame.data)
         if size > child.recv_credit[frame.ch]:
@@ -367,8 +384,8 @@ class Connection:
 
     def _accept_eof(self, frame: Eof) -> bool:
         child = self._remote_child(frame, frame.id)
-        if child.closing and self.role is Role.CONTROLLER:
-            return False
+        if child.closing:
+            return self._after_close(frame)
         self._check_recv_channel(child, frame, frame.ch)
         received = child.received[frame.ch]
         if frame.n is not None and frame.n != received:
@@ -381,6 +398,18 @@ class Connection:
             )
         child.recv_open.discard(frame.ch)
         return True
+
+    def _after_close(self, frame: Data | Eof) -> bool:
+        # Controller: the agent sent it before our close arrived; drop it. Agent: a
+        # conforming controller sends nothing on a channel after close.
+        if self.role is Role.CONTROLLER:
+            return False
+        raise RemoteProtocolError(
+            ErrorKind.CHANNEL_CLOSED,
+            f"{frame.TYPE} frame: child {frame.id} was closed",
+            id=frame.id,
+            ref=frame.TYPE,
+        )
 
     def _check_recv_channel(self, child: _Child, frame: Data | Eof, ch: int) -> None:
         if ch in child.recv_open:
@@ -492,6 +521,9 @@ class Connection:
             raise LocalProtocolError(
                 exc.kind, exc.message, id=getattr(frame, "id", None), ref=frame.TYPE
             ) from None
+        # Encoded before any state changes, so an oversized frame leaves the state alone.
+        # Eof is encoded at the end: its n is filled in below.
+        out = b"" if isinstance(frame, Eof) else self._encode_within_limit(frame)
         if isinstance(frame, Eof):
             child = self._child(frame.id)
             if self._dropped(child, frame):
@@ -530,7 +562,30 @@ class Connection:
             raise LocalProtocolError(
                 ErrorKind.HANDSHAKE, "hello is sent by initiate()", ref="hello"
             )
-        return encode(frame)
+        return encode(frame) if isinstance(frame, Eof) else out
+
+    def _encode_within_limit(self, frame: Frame) -> bytes:
+        # The peer rejects a frame over its limit as fatal (frame-too-large): refuse it here.
+        # Before the peer's hello only the minimum every peer must accept is known.
+        try:
+            out = encode(frame)
+        except (OverflowError, UnicodeEncodeError) as exc:  # int beyond msgpack, \ud800
+            raise LocalProtocolError(
+                ErrorKind.BAD_FRAME,
+                f"{frame.TYPE} frame: a field cannot be encoded ({exc})",
+                id=getattr(frame, "id", None),
+                ref=frame.TYPE,
+            ) from None
+        limit = MIN_MAX_FRAME if self.their_hello is None else self.their_hello.max_frame
+        if len(out) - HEADER_SIZE > limit:
+            raise LocalProtocolError(
+                ErrorKind.FRAME_TOO_LARGE,
+                f"{frame.TYPE} frame: {len(out) - HEADER_SIZE} bytes exceed the peer's "
+                f"frame limit of {limit}",
+                id=getattr(frame, "id", None),
+                ref=frame.TYPE,
+            )
+        return out
 
     def send_data(self, id: int, ch: int, payload: bytes | bytearray | memoryview) -> bytes:
         """Account for a data frame and return its header; write the payload after it.

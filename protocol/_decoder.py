@@ -72,7 +72,8 @@ class FrameDecoder:
             except Exception as exc:  # msgpack raises many types for bad input
                 raise RemoteProtocolError(
                     ErrorKind.MALFORMED,
-                    f"frame body ({length} bytes) is not one msgpack value: {exc}",
+                    f"frame body ({length} bytes) is not one msgpack value: "
+                    f"{type(exc).__name__} {exc}".rstrip(),
                     fatal=True,
                 ) from None
             finally:
@@ -96,5 +97,6 @@ class FrameDecoder:
                 exc.kind,
                 exc.message,
                 id=child if type(child) is int and 0 <= child <= MAX_ID else None,
-                ref=ref if type(ref) is str else None,
+                # bounded: the ref of an unknown type goes back to the peer in an error
+                ref=ref[:64] if type(ref) is str else None,
             ) from None
