@@ -32,7 +32,10 @@ class FrameDecoder:
 
     def __init__(self, max_frame_size: int) -> None:
         self.max_frame_size = max_frame_size
-        self._buf = bytearray()
+        # Frames are parsed straight out of the bytes object last fed when the previous
+        # one ended on a frame boundary; only a frame split across feeds is copied into
+        # a bytearray. Large data frames thus cost one copy (into their payload) here.
+        self._buf: bytes | bytearray = b""
         self._pos = 0
 
     @property
@@ -42,6 +45,13 @@ class FrameDecoder:
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Append received bytes."""
+        if self._pos == len(self._buf):
+            self._buf = data if isinstance(data, bytes) else bytes(data)
+            self._pos = 0
+            return
+        if isinstance(self._buf, bytes):
+            self._buf = bytearray(memoryview(self._buf)[self._pos :])
+            self._pos = 0
         self._buf += data
 
     def next_frame(self) -> Frame | None:
@@ -79,8 +89,11 @@ class FrameDecoder:
             finally:
                 body_view.release()
         self._pos = end
-        if self._pos >= _COMPACT_AT or self._pos == len(buf):
-            del buf[: self._pos]
+        if end == len(buf):
+            self._buf = b""
+            self._pos = 0
+        elif end >= _COMPACT_AT and isinstance(buf, bytearray):
+            del buf[:end]
             self._pos = 0
         if type(body) is not dict:
             raise RemoteProtocolError(
