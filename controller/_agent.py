@@ -7,7 +7,7 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Final
 
@@ -15,7 +15,7 @@ import trio
 
 from agent import __version__
 from agent._writer import FrameWriter
-from agent.transport import FdTransport, StreamTransport, Transport
+from agent.transport import FdTransport, StreamTransport, Transport, enlarge_pipe
 from protocol import (
     CONNECTION_CLOSED,
     DEFAULT_MAX_FRAME,
@@ -70,6 +70,8 @@ class Agent:
         self.writer = FrameWriter(transport)
         self.processes: dict[int, RemoteProcess] = {}
         self.lost: AgentLost | None = None
+        #: pid of the local agent (or ssh) process started by open_agent, else None.
+        self.agent_pid: int | None = None
         self._ids = itertools.count(1)
         self._hello = trio.Event()
         self._goodbye = trio.Event()
@@ -122,6 +124,7 @@ class Agent:
                 except RemoteProtocolError as exc:
                     agent_logger.error(  # noqa: TRY400 (the peer's fault: no traceback)
                         "protocol error from the agent: %s", exc.message)
+                    self.writer.send_control(self.conn.send(Error.from_exception(exc)))
                     if exc.fatal:
                         self._lose(f"the agent broke the protocol: {exc.message}")
                         return
@@ -151,7 +154,7 @@ class Agent:
             if process._signal_waiters:
                 process._signal_done(frame.errno)
         elif isinstance(frame, Closed):
-            self.processes.pop(frame.id, None)
+            self.processes.pop(frame.id)._on_closed()
         elif isinstance(frame, Error):
             self._on_error(frame)
         elif isinstance(frame, Log):
@@ -269,8 +272,9 @@ class Agent:
 
         Exec, stdin and its eof are sent at once (no round trip before the data). Output
         that is not captured goes to this process's stdout/stderr. With ``check``, a
-        non-zero exit raises :class:`subprocess.CalledProcessError`. On cancellation the
-        remote process group is killed and the child reaped before this returns.
+        non-zero exit raises :class:`subprocess.CalledProcessError`; a spawn failure the
+        OSError of :meth:`open_process`. On cancellation the remote process group is killed
+        and the child reaped before this returns.
         """
         process = self._start(
             argv, path=path, env=env, env_overrides=env_overrides, env_remove=env_remove,
@@ -298,7 +302,7 @@ class Agent:
             except trio.BrokenResourceError:
                 pass  # the child stopped reading its stdin: like trio, not an error
 
-        try:
+        async def run() -> None:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(feed)
                 async with trio.open_nursery() as readers:
@@ -313,6 +317,9 @@ class Agent:
                     for chunk in process._outputs[ch].take_buffered():
                         await sink(ch, chunk)
                 nursery.cancel_scope.cancel()
+
+        try:
+            await _collapsing(run)  # a spawn failure or AgentLost as itself, not a group
         finally:
             await process.aclose()
         assert process.returncode is not None
@@ -388,15 +395,69 @@ async def _write_local(ch: int, chunk: bytes) -> None:
         await trio.to_thread.run_sync(write)
 
 
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
+
+
+def _collapse(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """What our own nurseries' group means to a caller: its only exception, or the
+    agent's loss when that is what every task hit; else the group itself."""
+    leaves = _leaves(group)
+    if len(leaves) == 1 or all(isinstance(leaf, AgentLost) for leaf in leaves):
+        return leaves[0]
+    return group
+
+
+async def _collapsing(body: Callable[[], Awaitable[None]]) -> None:
+    """Run ``body`` (which opens nurseries of ours, running none of the caller's code),
+    raising a single failure as itself rather than inside ExceptionGroups."""
+    try:
+        await body()
+    except BaseExceptionGroup as group:
+        exc = _collapse(group)
+        if exc is group:
+            raise
+        raise exc from exc.__cause__
+
+
 @asynccontextmanager
-async def _serve(transport: Transport, *, window: int, max_frame: int) -> AsyncIterator[Agent]:
+async def _serve(
+    transport: Transport, *, window: int, max_frame: int, handshake_timeout: float
+) -> AsyncIterator[Agent]:
+    """Run the frame loops around the caller's block.
+
+    An exception from the handshake or from the caller's block propagates as itself, not
+    wrapped in the loops' nursery's ExceptionGroup: callers can catch AgentLost,
+    CalledProcessError, ... around ``async with`` (the loops themselves never raise)."""
+    try:
+        async with _serve_in_nursery(
+            transport, window=window, max_frame=max_frame, handshake_timeout=handshake_timeout
+        ) as agent:
+            yield agent
+    except BaseExceptionGroup as group:
+        # Only our nursery's level: a group raised by the caller's block stays a group.
+        if len(group.exceptions) != 1:
+            raise
+        exc = group.exceptions[0]
+        raise exc from exc.__cause__
+
+
+@asynccontextmanager
+async def _serve_in_nursery(
+    transport: Transport, *, window: int, max_frame: int, handshake_timeout: float
+) -> AsyncIterator[Agent]:
     agent = Agent(transport, window=window, max_frame=max_frame)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(agent._write_loop)
         nursery.start_soon(agent._read_loop)
         agent.writer.send_control(agent.conn.initiate())
         try:
-            await agent._hello.wait()
+            with trio.move_on_after(handshake_timeout):
+                await agent._hello.wait()
+            if not agent._hello.is_set():
+                agent._lose(f"the agent sent no hello within {handshake_timeout} s")
             agent.raise_if_lost()
             yield agent
             await agent.aclose()
@@ -416,6 +477,7 @@ async def connect(
     *,
     window: int = DEFAULT_WINDOW,
     max_frame: int = DEFAULT_MAX_FRAME,
+    handshake_timeout: float = 30.0,
 ) -> AsyncIterator[Agent]:
     """Speak to an agent over already-open streams (a bidirectional trio stream, a
     send/receive pair, or a :class:`~agent.transport.Transport`).
@@ -423,7 +485,8 @@ async def connect(
     Performs the handshake and yields the :class:`Agent`. Leaving the block normally
     finishes every process and shuts the agent down (``Agent.aclose``); leaving by an
     exception or cancellation closes the stream, upon which the agent kills every child.
-    The streams are closed either way.
+    The streams are closed either way. No hello within ``handshake_timeout`` seconds
+    raises :class:`AgentLost`.
     """
     if receive_stream is None and hasattr(send_stream, "receive"):
         transport: Transport = send_stream  # type: ignore[assignment]
@@ -432,7 +495,9 @@ async def connect(
         assert isinstance(send_stream, trio.abc.SendStream)
         assert isinstance(receive, trio.abc.ReceiveStream)
         transport = StreamTransport(send_stream, receive)
-    async with _serve(transport, window=window, max_frame=max_frame) as agent:
+    async with _serve(
+        transport, window=window, max_frame=max_frame, handshake_timeout=handshake_timeout
+    ) as agent:
         yield agent
 
 
@@ -445,12 +510,15 @@ async def open_agent(
     agent_args: Sequence[str] = (),
     stderr: int | None = None,
     shutdown_timeout: float = 30.0,
+    handshake_timeout: float = 30.0,
 ) -> AsyncIterator[Agent]:
     """Start an agent process and connect to it.
 
     ``command`` is the argv that starts the agent: by default this Python running the
     ``agent`` package locally; e.g. ``["ssh", "host", "mproxy-agent"]`` for a remote one.
-    ``agent_args`` are appended (e.g. ``["--grace", "1"]``). The agent's stderr goes to
+    ``agent_args`` are appended (e.g. ``["--grace", "1"]``). No hello within
+    ``handshake_timeout`` seconds (an ssh asking for a password, a wrong command that
+    waits) raises :class:`AgentLost`. The agent's stderr goes to
     ours unless ``stderr`` says otherwise (a subprocess-style fd or DEVNULL).
 
     Leaving the block shuts the agent down gracefully (see :func:`connect`), or, on an
@@ -461,6 +529,8 @@ async def open_agent(
     argv += agent_args
     to_agent_r, to_agent_w = os.pipe()
     from_agent_r, from_agent_w = os.pipe()
+    enlarge_pipe(to_agent_w)
+    enlarge_pipe(from_agent_r)
     try:
         process = await trio.lowlevel.open_process(
             argv, stdin=to_agent_r, stdout=from_agent_w, stderr=stderr
@@ -473,7 +543,10 @@ async def open_agent(
     os.close(from_agent_w)
     transport = FdTransport(from_agent_r, to_agent_w)
     try:
-        async with _serve(transport, window=window, max_frame=max_frame) as agent:
+        async with _serve(
+            transport, window=window, max_frame=max_frame, handshake_timeout=handshake_timeout
+        ) as agent:
+            agent.agent_pid = process.pid
             yield agent
     except AgentLost as exc:
         with trio.CancelScope(shield=True), trio.move_on_after(shutdown_timeout):

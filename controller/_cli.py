@@ -23,7 +23,9 @@ from typing import Final
 
 import trio
 
-from ._agent import Agent, open_agent
+from protocol import LocalProtocolError
+
+from ._agent import Agent, _collapse, open_agent
 from ._errors import AgentError, RemoteError
 from ._process import RemoteProcess
 
@@ -73,7 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--drop-sudo", action="store_true",
                         help="run as $SUDO_UID/$SUDO_GID when the agent runs as root")
     parser.add_argument("-v", "--verbose", action="store_true",
-                        help="show the agent's log records on stderr")
+                        help="show the agent's log records on stderr (the default "
+                        "and --ssh agents are asked for debug records)")
     parser.add_argument("prog", metavar="PROG")
     parser.add_argument("args", nargs=argparse.REMAINDER, metavar="ARG")
     return parser
@@ -135,8 +138,9 @@ class _Session:
             while data := await _read_local(fd):
                 await stream.send_all(data)
         except OSError as exc:
-            if exc.errno != errno.EIO:
-                raise
+            if exc.errno != errno.EIO:  # EIO: a terminal hung up, i.e. end of input
+                print(f"mproxy-exec: reading fd {fd}: {exc.strerror}; sending EOF",
+                      file=sys.stderr)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return  # the child stopped reading: like a local pipe, nothing to report
         if isinstance(stream, trio.abc.HalfCloseableStream):
@@ -152,6 +156,11 @@ class _Session:
                 await _write_local(fd, chunk)
             except BrokenPipeError:
                 await self.process.send_signal("PIPE")
+                await stream.aclose()
+                return
+            except OSError as exc:  # ENOSPC, EIO...: like a lost reader, minus the signal
+                print(f"mproxy-exec: writing fd {fd}: {exc.strerror}; discarding the rest",
+                      file=sys.stderr)
                 await stream.aclose()
                 return
         if is_socket:
@@ -194,6 +203,10 @@ class _Session:
                         await _write_local(fd, chunk)
                     except BrokenPipeError:
                         break
+                    except OSError as exc:
+                        print(f"mproxy-exec: writing fd {fd}: {exc.strerror}; discarding "
+                              "the rest", file=sys.stderr)
+                        break
             nursery.cancel_scope.cancel()
         assert process.exit_code is not None
         del returncode
@@ -205,17 +218,26 @@ def _buffered(stream: trio.abc.ReceiveStream) -> list[bytes]:
     return incoming.take_buffered() if incoming is not None else []
 
 
-async def _main(args: argparse.Namespace, command: list[str] | None) -> int:
-    fds = {n: _directions(n) for n in args.fd}
-    env_overrides = {}
-    for item in args.env:
+def _env_overrides(items: list[str]) -> dict[str | bytes, str | bytes]:
+    env_overrides: dict[str | bytes, str | bytes] = {}
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise _UsageError(f"--env {item!r}: expected K=V")
         env_overrides[key] = value
-    async with open_agent(command) as agent:
+    return env_overrides
+
+
+async def _main(
+    args: argparse.Namespace, command: list[str] | None, fds: dict[int, tuple[bool, bool]]
+) -> int:
+    env_overrides = _env_overrides(args.env)
+    # Without debug records from the agent, -v would show nothing in a normal run. An
+    # --agent CMD is used exactly as given: its author chooses the agent's options.
+    verbose_args = ["--log-level", "debug"] if args.verbose and args.agent is None else []
+    async with open_agent(command, agent_args=verbose_args) as agent:
         try:
-            process = await agent.open_process(
+            process = agent._start(
                 [args.prog, *args.args],
                 env=env_overrides if args.clear_env else None,
                 env_overrides=None if args.clear_env else env_overrides,
@@ -224,10 +246,19 @@ async def _main(args: argparse.Namespace, command: list[str] | None) -> int:
                 extra_fds=sorted(fds),
                 drop_sudo_credentials=args.drop_sudo,
             )
-        except OSError as exc:
-            print(f"mproxy-exec: {args.prog}: {exc.strerror or exc}", file=sys.stderr)
-            return 127 if exc.errno == errno.ENOENT else 126
+        except LocalProtocolError as exc:  # e.g. an empty --cwd or --unset name
+            raise _UsageError(exc.message) from None
         async with process:
+            try:
+                await process._wait_started()
+            except (OSError, RemoteError) as exc:
+                message = exc.strerror if isinstance(exc, OSError) else exc.message
+                print(f"mproxy-exec: {args.prog}: {message or exc}", file=sys.stderr)
+                # The agent's exit frame follows its error: 127 when the program was not
+                # found, 126 for any other failure (a missing --cwd, no permission...).
+                await process.wait()
+                assert process.exit_code is not None
+                return process.exit_code
             return await _Session(agent, process, fds).run()
 
 
@@ -242,6 +273,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(argv)
         command = _agent_command(args)
         _check_fds(args.fd)
+        _env_overrides(args.env)
+        # Before trio.run: afterwards an fd the caller never opened could be trio's own.
+        fds = {n: _directions(n) for n in args.fd}
     except _UsageError as exc:
         print(f"mproxy-exec: {exc}\n{_parser().format_usage()}", end="", file=sys.stderr)
         return _USAGE
@@ -250,15 +284,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="mproxy-exec: agent %(levelname)s: %(message)s",
     )
     try:
-        return trio.run(_main, args, command)
-    except _UsageError as exc:
+        return trio.run(_main, args, command, fds)
+    except BaseException as exc:  # each is reported; a bug is re-raised
+        return _failure_status(exc)
+
+
+def _failure_status(exc: BaseException) -> int:
+    """Report ``exc`` in one line and return the exit status; re-raise what is a bug."""
+    if isinstance(exc, BaseExceptionGroup):
+        single = _collapse(exc)  # e.g. AgentLost hit by several tasks at once
+        if single is exc:
+            raise exc
+        exc = single
+    if isinstance(exc, _UsageError):
         print(f"mproxy-exec: {exc}", file=sys.stderr)
         return _USAGE
-    except (AgentError, RemoteError, trio.BrokenResourceError) as exc:
+    if isinstance(exc, (AgentError, trio.BrokenResourceError)):
         print(f"mproxy-exec: agent failed: {exc}", file=sys.stderr)
         return _EXIT_AGENT_FAILED
-    except OSError as exc:
+    if isinstance(exc, OSError):
         print(f"mproxy-exec: cannot start the agent: {exc}", file=sys.stderr)
         return _EXIT_AGENT_FAILED
-    except KeyboardInterrupt:
+    if isinstance(exc, KeyboardInterrupt):
         return 130
+    raise exc

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from protocol import Close, Signal
+from protocol import SIGNAL_NAMES, Close, Signal
 
 from ._errors import RemoteError
 from ._streams import (
@@ -31,13 +31,17 @@ _KILL_WAIT = 10.0
 
 
 def signal_name(sig: signal_module.Signals | int | str) -> str:
-    """The wire name of a signal: "TERM" for signal.SIGTERM, 15, "SIGTERM" or "term"."""
+    """The wire name of a signal: "TERM" for signal.SIGTERM, 15, "SIGTERM" or "term".
+
+    Raises ValueError for a signal the protocol cannot carry (an unknown name or number,
+    a real-time signal)."""
     if isinstance(sig, str):
         name = sig.upper().removeprefix("SIG")
-        if not name:
-            raise ValueError(f"not a signal name: {sig!r}")
-        return name
-    return signal_module.Signals(sig).name.removeprefix("SIG")
+    else:
+        name = signal_module.Signals(sig).name.removeprefix("SIG")
+    if name not in SIGNAL_NAMES:
+        raise ValueError(f"not a signal the protocol can carry: {sig!r}")
+    return name
 
 
 class RemoteProcess:
@@ -66,6 +70,7 @@ class RemoteProcess:
         self.credit_lot = trio.lowlevel.ParkingLot()
         self._started = trio.Event()
         self._exited = trio.Event()
+        self._released = trio.Event()  # the agent sent closed (or is lost)
         self._signal_waiters: deque[trio.Event] = deque()
         self._signal_results: dict[trio.Event, str | None] = {}
         self._stdin = _Outgoing(agent, self, 0)
@@ -124,8 +129,11 @@ class RemoteProcess:
         self._signal_results[event] = errno_name
         event.set()
 
+    def _on_closed(self) -> None:
+        self._released.set()
+
     def _on_lost(self) -> None:
-        for event in (self._started, self._exited, *self._signal_waiters):
+        for event in (self._started, self._exited, self._released, *self._signal_waiters):
             event.set()
         self.credit_lot.unpark_all()
         for incoming in self._outputs.values():
@@ -154,15 +162,17 @@ class RemoteProcess:
     async def send_signal(self, sig: signal_module.Signals | int | str) -> None:
         """Deliver ``sig`` to the child's process group and wait for the agent's
         acknowledgement. A no-op once the child has exited (as with Popen). Raises
-        OSError with the errno the agent reported (EPERM, ...)."""
+        OSError with the errno the agent reported (EPERM, ...), ValueError for a signal
+        the protocol cannot carry."""
         name = signal_name(sig)
         if self.returncode is not None or self.closed:
             await trio.lowlevel.checkpoint()
             return
         self._agent.raise_if_lost()
         event = trio.Event()
-        self._signal_waiters.append(event)
+        # Queued only once the frame is sent: acks are matched to waiters in order.
         self._agent.send(Signal(self.id, name))
+        self._signal_waiters.append(event)
         await event.wait()
         self._agent.raise_if_lost()
         errno_name = self._signal_results.pop(event, None)
@@ -180,21 +190,23 @@ class RemoteProcess:
         await self.send_signal("KILL")
 
     async def aclose(self) -> None:
-        """Kill the child's group if it is still running, wait for its exit, release it.
+        """Kill the child's group if it is still running, wait for its exit, release it
+        on the agent and wait until the agent confirms (``closed``: the child is reaped
+        and nothing of its process group is left).
 
-        Safe to call more than once; runs to completion even when cancelled (bounded)."""
-        with trio.CancelScope(shield=True):
-            if self.closed or self._agent.lost:
-                self._close_streams()
-                return
-            with trio.move_on_after(_KILL_WAIT):
+        Safe to call more than once; runs to completion even when cancelled (bounded by
+        a few seconds when the agent does not answer)."""
+        with trio.CancelScope(shield=True), trio.move_on_after(_KILL_WAIT):
+            if not self.closed and not self._agent.lost:
                 if self.returncode is None and self.pid is not None:
                     await self.kill()
                 await self._exited.wait()
             self._close_streams()
-            self.closed = True
-            if not self._agent.lost:
+            if not self.closed and not self._agent.lost:
+                self.closed = True
                 self._agent.send(Close(self.id))
+            self.closed = True
+            await self._released.wait()
 
     def _close_streams(self) -> None:
         self._stdin.eof_sent = True

@@ -1,0 +1,86 @@
+"""Shared fixtures and helpers. Tests use real processes, pipes and signals; none sleeps
+to synchronise: they wait for a condition with a deadline."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+import agent
+import controller
+
+ROOT = Path(__file__).resolve().parent.parent
+AGENT_ARGV = [sys.executable, "-m", "agent"]
+
+
+@pytest.fixture
+async def inproc_agent() -> AsyncIterator[controller.Agent]:
+    """A controller connected over in-memory streams to an agent served in this process."""
+    agent_side, controller_side = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(agent.serve, agent.StreamTransport(agent_side, agent_side))
+        async with controller.connect(controller_side) as connected:
+            yield connected
+
+
+@pytest.fixture
+async def local_agent() -> AsyncIterator[controller.Agent]:
+    """A controller connected to a real `python -m agent` subprocess over pipes."""
+    async with controller.open_agent(agent_args=["--grace", "2"]) as connected:
+        yield connected
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0,
+                     what: str = "condition") -> None:
+    """Poll ``predicate`` until true; fail after ``timeout`` seconds."""
+    with trio.move_on_after(timeout):
+        while not predicate():
+            await trio.sleep(0.01)
+        return
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, ppid, pgrp) of a process, or None if it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    fields = raw[raw.rfind(b")") + 2 :].split()
+    return fields[0].decode(), int(fields[1]), int(fields[2])
+
+
+def all_procs() -> dict[int, tuple[str, int, int]]:
+    out = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            st = proc_stat(int(entry))
+            if st is not None:
+                out[int(entry)] = st
+    return out
+
+
+def group_members(pgid: int, *, include_zombies: bool = False) -> list[int]:
+    return [pid for pid, (state, _, pgrp) in all_procs().items()
+            if pgrp == pgid and (include_zombies or state != "Z")]
+
+
+def children_of(pid: int) -> dict[int, str]:
+    return {p: state for p, (state, ppid, _) in all_procs().items() if ppid == pid}
+
+
+def fd_count(pid: int | None = None) -> int:
+    return len(os.listdir(f"/proc/{pid or 'self'}/fd"))
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")

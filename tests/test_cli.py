@@ -1,0 +1,327 @@
+"""``mproxy-exec`` as a real subprocess: data through stdin/stdout, exit statuses, signal
+forwarding, extra fds, environment, cwd, --drop-sudo, background holders and -v."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+EXEC = [sys.executable, "-m", "controller"]
+TIMEOUT = 30.0
+
+
+def run_exec(*args: str, input: bytes | None = None, env: dict[str, str] | None = None,
+             pass_fds: tuple[int, ...] = (), cwd: str | None = None,
+             timeout: float = TIMEOUT) -> subprocess.CompletedProcess[bytes]:
+    done = subprocess.run([*EXEC, *args], input=input, capture_output=True, env=env,
+                          pass_fds=pass_fds, cwd=cwd, timeout=timeout, check=False)
+    assert b"Traceback" not in done.stderr, done.stderr.decode(errors="replace")
+    return done
+
+
+def python_child(script: str) -> list[str]:
+    return ["--", sys.executable, "-c", script]
+
+
+@asynccontextmanager
+async def spawned(argv: list[str], **options: Any) -> AsyncIterator[trio.Process]:
+    """A subprocess killed (if still running) and waited for on the way out."""
+    proc = await trio.lowlevel.open_process(argv, **options)
+    try:
+        yield proc
+    finally:
+        with trio.CancelScope(shield=True):
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
+            for stream in (proc.stdin, proc.stdout, proc.stderr):
+                if stream is not None:
+                    await stream.aclose()
+
+
+# ---------------------------------------------------------------- the command itself
+
+
+def test_console_script_is_installed_next_to_python() -> None:
+    script = Path(sys.executable).parent / "mproxy-exec"
+    assert script.is_file()
+    assert os.access(script, os.X_OK)
+    done = subprocess.run([str(script), "--", "echo", "via console script"],
+                          capture_output=True, timeout=TIMEOUT, check=False)
+    assert (done.returncode, done.stdout, done.stderr) == (0, b"via console script\n", b"")
+
+
+async def test_100_mib_through_stdin_and_stdout_byte_exact() -> None:
+    blocks, block_size = 100, 1 << 20
+    rng = random.Random(7)
+    sent, received = hashlib.sha256(), hashlib.sha256()
+    total = 0
+    with trio.fail_after(110):
+        async with spawned([*EXEC, "--", "cat"], stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE) as proc, trio.open_nursery() as nursery:
+            assert proc.stdin is not None and proc.stdout is not None
+            stdin, stdout = proc.stdin, proc.stdout
+
+            async def feed() -> None:
+                for _ in range(blocks):
+                    block = rng.randbytes(block_size)
+                    sent.update(block)
+                    await stdin.send_all(block)
+                await stdin.aclose()
+
+            nursery.start_soon(feed)
+            while chunk := await stdout.receive_some(1 << 20):
+                received.update(chunk)
+                total += len(chunk)
+            assert await proc.wait() == 0
+    assert total == blocks * block_size
+    assert received.hexdigest() == sent.hexdigest()
+
+
+async def test_closed_reader_gets_the_child_a_sigpipe() -> None:
+    # Like `yes | head -1`: our reader goes away, the remote writer dies of SIGPIPE.
+    with trio.fail_after(TIMEOUT):
+        async with spawned([*EXEC, "--", "yes"], stdout=subprocess.PIPE) as proc:
+            assert proc.stdout is not None
+            assert (await proc.stdout.receive_some(2)) == b"y\n"
+            await proc.stdout.aclose()
+            assert await proc.wait() == 128 + signal.SIGPIPE
+
+
+def test_failed_write_to_our_stdout_is_reported() -> None:
+    with open("/dev/full", "wb") as full:
+        done = subprocess.run([*EXEC, "--", "echo", "hi"], stdout=full, stderr=subprocess.PIPE,
+                              timeout=TIMEOUT, check=False)
+    # The child's own write succeeded (into the agent's pipe): its status stands.
+    assert done.returncode == 0
+    assert done.stderr == (b"mproxy-exec: writing fd 1: No space left on device; "
+                           b"discarding the rest\n")
+
+
+# ---------------------------------------------------------------- exit statuses
+
+
+def test_exit_status_of_the_program() -> None:
+    assert run_exec("--", "true").returncode == 0
+    done = run_exec("--", "sh", "-c", "echo out; echo err >&2; exit 7")
+    assert (done.returncode, done.stdout, done.stderr) == (7, b"out\n", b"err\n")
+    assert run_exec("--", "sh", "-c", "kill -TERM $$").returncode == 128 + signal.SIGTERM
+    assert run_exec("--", "sh", "-c", "kill -USR1 $$").returncode == 128 + signal.SIGUSR1
+
+
+def test_not_executable_is_126_and_missing_is_127(tmp_path: Path) -> None:
+    not_executable = tmp_path / "script.sh"
+    not_executable.write_text("#!/bin/sh\necho never\n")
+    not_executable.chmod(0o644)
+    done = run_exec("--", str(not_executable))
+    assert done.returncode == 126
+    assert done.stdout == b""
+    assert done.stderr.startswith(b"mproxy-exec: ")
+    assert b"Permission denied" in done.stderr
+    done = run_exec("--", "no-such-program-mproxy", "arg")
+    assert done.returncode == 127
+    assert done.stderr.startswith(b"mproxy-exec: no-such-program-mproxy: ")
+    done = run_exec("--cwd", str(tmp_path / "missing"), "--", "true")
+    assert done.returncode == 126  # not found, but not the program: the agent's status
+    assert b"cannot enter directory" in done.stderr
+    assert run_exec("--", "").returncode == 126
+
+
+def test_agent_dying_mid_run_is_255() -> None:
+    done = run_exec("--", "sh", "-c", "echo started; kill -KILL $PPID")  # PPID: the agent
+    assert done.returncode == 255
+    assert done.stdout in (b"", b"started\n")
+    assert done.stderr.startswith(b"mproxy-exec: agent failed: ")
+
+
+@pytest.mark.parametrize("agent", [
+    "false", "/nonexistent/mproxy-agent", 'sh -c "exit 0"',
+    "sh -c 'echo this is no frame; exec cat >/dev/null'",
+], ids=["false", "missing", "exit-0", "garbage"])
+def test_agent_failure_is_255(agent: str) -> None:
+    done = run_exec("--agent", agent, "--", "echo", "never")
+    assert done.returncode == 255
+    assert done.stdout == b""
+    assert done.stderr.startswith(b"mproxy-exec: ")
+
+
+@pytest.mark.parametrize("args", [
+    ["--no-such-option", "--", "true"],
+    ["--fd", "1", "--", "true"],
+    ["--fd", "x", "--", "true"],
+    ["--fd", "99", "--", "true"],  # not open here
+    ["--fd", "3", "--", "true"],  # not open here either, whatever trio opens later
+    ["--cwd", "", "--", "true"],
+    ["--unset", "", "--", "true"],
+    [],
+    ["--agent", "", "--", "true"],
+    ["--agent", "'unterminated", "--", "true"],
+    ["--ssh", "host", "--agent", "x", "--", "true"],
+    ["-o", "BatchMode=yes", "--", "true"],
+    ["--env", "NOEQUALS", "--", "true"],
+], ids=["unknown-option", "fd-1", "fd-not-int", "fd-99-not-open", "fd-3-not-open",
+        "empty-cwd", "empty-unset", "no-prog", "empty-agent",
+        "bad-quoting", "ssh-and-agent", "o-without-ssh", "env-without-equals"])
+def test_usage_errors_are_2(args: list[str]) -> None:
+    done = run_exec(*args)
+    assert done.returncode == 2
+    assert done.stdout == b""
+    assert done.stderr.startswith(b"mproxy-exec: ")
+
+
+# ---------------------------------------------------------------- signals
+
+
+TRAP_SCRIPT = 'trap "echo got-usr1; exit 5" USR1; echo ready; while :; do sleep 0.1; done'
+
+
+@pytest.mark.parametrize(("sig", "status", "output"), [
+    (signal.SIGUSR1, 5, b"ready\ngot-usr1\n"),
+    (signal.SIGTERM, 128 + signal.SIGTERM, b"ready\n"),
+    (signal.SIGINT, 128 + signal.SIGINT, b"ready\n"),
+    (signal.SIGHUP, 128 + signal.SIGHUP, b"ready\n"),
+], ids=["USR1", "TERM", "INT", "HUP"])
+async def test_signals_are_forwarded(sig: signal.Signals, status: int, output: bytes) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with spawned([*EXEC, "--", "sh", "-c", TRAP_SCRIPT], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE) as proc:
+            assert proc.stdout is not None and proc.stderr is not None
+            out = bytearray()
+            while b"ready\n" not in out:  # the trap is set and mproxy-exec forwards
+                chunk = await proc.stdout.receive_some()
+                assert chunk, bytes(out)
+                out += chunk
+            proc.send_signal(sig)
+            while chunk := await proc.stdout.receive_some():
+                out += chunk
+            err = bytearray()
+            while chunk := await proc.stderr.receive_some():
+                err += chunk
+            assert await proc.wait() == status
+    assert bytes(out) == output
+    assert b"Traceback" not in err
+
+
+# ---------------------------------------------------------------- extra fds
+
+
+def test_fd_open_for_writing_receives_the_childs_writes(tmp_path: Path) -> None:
+    target = tmp_path / "from-child"
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        # Our fd is write-only: the child's fd sees EOF at once, and what it writes lands
+        # in our file.
+        script = (f"import os, sys; os.write({fd}, b'via-fd\\n'); "
+                  f"sys.exit(0 if os.read({fd}, 10) == b'' else 9)")
+        done = run_exec("--fd", str(fd), *python_child(script), pass_fds=(fd,))
+    finally:
+        os.close(fd)
+    assert (done.returncode, done.stdout, done.stderr) == (0, b"", b"")
+    assert target.read_bytes() == b"via-fd\n"
+
+
+def test_fd_open_for_reading_feeds_the_child() -> None:
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, b"from-our-pipe\n" * 100)
+        os.close(write_end)
+        script = (f"import os, sys\nwhile chunk := os.read({read_end}, 65536):\n"
+                  f"    sys.stdout.buffer.write(chunk)\n")
+        done = run_exec("--fd", str(read_end), *python_child(script), pass_fds=(read_end,))
+    finally:
+        os.close(read_end)
+    assert (done.returncode, done.stderr) == (0, b"")
+    assert done.stdout == b"from-our-pipe\n" * 100
+
+
+async def test_fd_socket_carries_both_directions_with_half_close() -> None:
+    ours, theirs = socket.socketpair()
+    n = theirs.fileno()
+    # The child answers only after our EOF reached it, then half-closes its side and waits
+    # for its stdin to end: our EOF must arrive while the child still runs.
+    script = (
+        f"import socket, sys\ns = socket.socket(fileno={n})\ndata = b''\n"
+        "while chunk := s.recv(65536):\n    data += chunk\n"
+        "s.sendall(data.upper()); s.shutdown(socket.SHUT_WR)\n"
+        "sys.stdin.read(); print('child done')\n"
+    )
+    with trio.fail_after(TIMEOUT), ours:
+        async with spawned([*EXEC, "--fd", str(n), *python_child(script)], pass_fds=(n,),
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE) as proc:
+            theirs.close()
+            assert proc.stdin is not None and proc.stdout is not None
+            stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
+            await stream.send_all(b"ping over fd\n")
+            await stream.send_eof()
+            answer = bytearray()
+            while chunk := await stream.receive_some():
+                answer += chunk
+            assert bytes(answer) == b"PING OVER FD\n"
+            assert proc.returncode is None
+            await proc.stdin.aclose()
+            assert await proc.stdout.receive_some() == b"child done\n"
+            assert await proc.wait() == 0
+
+
+# ---------------------------------------------------------------- environment, cwd, sudo
+
+
+def test_env_unset_and_clear_env() -> None:
+    env = {**os.environ, "MPX_KEPT": "no", "HOME": "/home/somebody", "LANG": "C.UTF-8"}
+    done = run_exec("--clear-env", "--env", "A=1", "--env", "B=x=y", "--env", "EMPTY=",
+                    "--", "/usr/bin/env", env=env)
+    assert (done.returncode, done.stderr) == (0, b"")
+    assert sorted(done.stdout.splitlines()) == [b"A=1", b"B=x=y", b"EMPTY="]
+
+    done = run_exec("--unset", "HOME", "--env", "LANG=C", "--env", "NEW=v", "--",
+                    "/usr/bin/env", env=env)
+    child_env = dict(line.split(b"=", 1) for line in done.stdout.splitlines())
+    assert b"HOME" not in child_env
+    assert child_env[b"LANG"] == b"C"
+    assert child_env[b"NEW"] == b"v"
+    assert child_env[b"PATH"] == os.environb[b"PATH"]
+
+
+def test_cwd(tmp_path: Path) -> None:
+    done = run_exec("--cwd", str(tmp_path), "--", "pwd", "-P")
+    assert (done.returncode, done.stdout) == (0, os.fsencode(tmp_path.resolve()) + b"\n")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="--drop-sudo only drops from root")
+def test_drop_sudo() -> None:
+    # The agent reads SUDO_* from its own environment, which it inherits from us.
+    env = {**os.environ, "SUDO_UID": "65534", "SUDO_GID": "65534"}
+    done = run_exec("--drop-sudo", "--", "sh", "-c", "id -u; id -g", env=env, cwd="/")
+    assert (done.returncode, done.stdout, done.stderr) == (0, b"65534\n65534\n", b"")
+    done = run_exec("--", "id", "-u", env=env, cwd="/")
+    assert done.stdout == b"0\n"
+
+
+# ---------------------------------------------------------------- lifetime and logging
+
+
+def test_background_holder_does_not_delay_the_exit() -> None:
+    done = run_exec("--", "sh", "-c", "echo hi; sleep 100 &", timeout=20)
+    assert (done.returncode, done.stdout, done.stderr) == (0, b"hi\n", b"")
+
+
+def test_verbose_shows_agent_log_records() -> None:
+    done = run_exec("-v", "--", "echo", "hello")
+    assert (done.returncode, done.stdout) == (0, b"hello\n")
+    lines = done.stderr.decode().splitlines()
+    assert any(line.startswith("mproxy-exec: agent DEBUG: started id=1 pid=")
+               for line in lines), lines
+    quiet = run_exec("--", "echo", "hello")
+    assert quiet.stderr == b""

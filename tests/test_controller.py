@@ -1,0 +1,600 @@
+"""The controller library against a real local agent (`python -m agent` over pipes) and
+an in-process one (memory streams): processes, streams, extra fds, signals, cancellation,
+spawn failures, environments, agent loss and the ways of leaving ``open_agent``."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+from conftest import group_members, proc_stat, wait_until
+
+import agent
+import controller
+
+GRACE_ARGS = ["--grace", "2"]
+
+
+@pytest.fixture(params=["local", "inproc"])
+async def any_agent(request: pytest.FixtureRequest) -> AsyncIterator[controller.Agent]:
+    """Both agents of conftest (``local_agent``, ``inproc_agent``), one per test run."""
+    if request.param == "local":
+        async with controller.open_agent(agent_args=GRACE_ARGS) as connected:
+            yield connected
+        return
+    agent_side, controller_side = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(agent.serve, agent.StreamTransport(agent_side, agent_side))
+        async with controller.connect(controller_side) as connected:
+            yield connected
+
+
+async def read_all(stream: trio.abc.ReceiveStream) -> bytes:
+    out = bytearray()
+    while chunk := await stream.receive_some():
+        out += chunk
+    return bytes(out)
+
+
+async def read_until(stream: trio.abc.ReceiveStream, marker: bytes) -> bytes:
+    out = bytearray()
+    while marker not in out:
+        chunk = await stream.receive_some()
+        assert chunk, f"EOF before {marker!r}; got {bytes(out)!r}"
+        out += chunk
+    return bytes(out)
+
+
+def kill_group_quietly(pgid: int | None) -> None:
+    if pgid is not None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+
+
+def gone(pid: int) -> bool:
+    """Dead: reaped, or a zombie nobody we control will reap (re-parented orphans)."""
+    stat = proc_stat(pid)
+    return stat is None or stat[0] == "Z"
+
+
+# ---------------------------------------------------------------- processes and streams
+
+
+async def test_many_concurrent_processes(any_agent: controller.Agent) -> None:
+    count = 40
+    results: dict[int, tuple[bytes, int, int]] = {}
+
+    async def echo_through_cat(i: int) -> None:
+        payload = f"process {i}\n".encode() * (500 + i)
+        async with await any_agent.open_process(["cat"]) as proc:
+            assert proc.pid is not None
+            async with trio.open_nursery() as nursery:
+
+                async def feed() -> None:
+                    await proc.stdin.send_all(payload)
+                    await proc.stdin.aclose()
+
+                nursery.start_soon(feed)
+                out = await read_all(proc.stdout)
+            results[i] = (out, await proc.wait(), proc.pid)
+            assert out == payload
+
+    async def run_one(i: int) -> None:
+        done = await any_agent.run_process(
+            ["sh", "-c", 'echo "run $0"; echo "err $0" >&2; exit $(($0 % 3))', str(i)],
+            capture_stdout=True, capture_stderr=True, check=False,
+        )
+        assert (done.returncode, done.stdout, done.stderr) == (
+            i % 3, f"run {i}\n".encode(), f"err {i}\n".encode())
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for i in range(count):
+                nursery.start_soon(echo_through_cat, i)
+                nursery.start_soon(run_one, i)
+    assert sorted(results) == list(range(count))
+    assert all(code == 0 for _, code, _ in results.values())
+    assert len({pid for _, _, pid in results.values()}) == count
+
+
+async def test_large_stream_through_cat_is_byte_exact(any_agent: controller.Agent) -> None:
+    size = 24 << 20  # many windows' worth: credit must keep flowing both ways
+    rng = random.Random(1)
+    sent, received = hashlib.sha256(), hashlib.sha256()
+    total = 0
+    with trio.fail_after(90):
+        async with await any_agent.open_process(["cat"]) as proc:
+
+            async def feed() -> None:
+                for _ in range(size // (1 << 20)):
+                    block = rng.randbytes(1 << 20)
+                    sent.update(block)
+                    await proc.stdin.send_all(block)
+                await proc.stdin.aclose()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(feed)
+                while chunk := await proc.stdout.receive_some():
+                    received.update(chunk)
+                    total += len(chunk)
+            assert await proc.wait() == 0
+    assert total == size
+    assert received.hexdigest() == sent.hexdigest()
+
+
+async def test_run_process_pipes_stdin_and_captures(any_agent: controller.Agent) -> None:
+    done = await any_agent.run_process(["tr", "a-z", "A-Z"], stdin=b"hello, agent\n",
+                                       capture_stdout=True)
+    assert done.returncode == 0
+    assert done.stdout == b"HELLO, AGENT\n"
+    assert done.stderr is None
+    assert done.args == ["tr", "a-z", "A-Z"]
+
+
+async def test_stdin_of_a_child_that_closed_it_is_broken(any_agent: controller.Agent) -> None:
+    with trio.fail_after(20):
+        async with await any_agent.open_process(
+            ["sh", "-c", "exec 0<&-; echo closed; exec sleep 100"]
+        ) as proc:
+            await read_until(proc.stdout, b"closed\n")
+            with pytest.raises(trio.BrokenResourceError) as info:
+                while True:  # the agent learns of EPIPE on its first write to the pipe
+                    await proc.stdin.send_all(b"x" * 65536)
+            assert not isinstance(info.value, controller.AgentLost)
+            assert proc.returncode is None  # the child itself is fine
+        assert proc.returncode == -signal.SIGKILL
+
+
+# ---------------------------------------------------------------- extra fds
+
+
+async def test_extra_fds_both_directions_with_half_close(any_agent: controller.Agent) -> None:
+    # The child reads fd 3 to EOF, answers on fd 7 and half-closes it; then reads fd 7 to
+    # EOF and answers on fd 3. Each answer needs the other side's EOF to have arrived
+    # while the reverse direction stays open.
+    script = (
+        "import socket\n"
+        "s3, s7 = socket.socket(fileno=3), socket.socket(fileno=7)\n"
+        "def drain(s):\n"
+        "    out = b''\n"
+        "    while chunk := s.recv(65536):\n"
+        "        out += chunk\n"
+        "    return out\n"
+        "s7.sendall(drain(s3).upper()); s7.shutdown(socket.SHUT_WR)\n"
+        "s3.sendall(drain(s7)[::-1]); s3.shutdown(socket.SHUT_WR)\n"
+    )
+    with trio.fail_after(20):
+        async with await any_agent.open_process([sys.executable, "-c", script],
+                                                extra_fds=[3, 7]) as proc:
+            assert sorted(proc.fds) == [3, 7]
+            await proc.fds[3].send_all(b"hello fd three")
+            await proc.fds[3].send_eof()
+            assert await read_all(proc.fds[7]) == b"HELLO FD THREE"
+            await proc.fds[7].send_all(b"seven")
+            await proc.fds[7].send_eof()
+            assert await read_all(proc.fds[3]) == b"neves"
+            assert await proc.wait() == 0
+
+
+async def test_extra_fd_large_echo_through_shell(any_agent: controller.Agent) -> None:
+    data = random.Random(3).randbytes(6 << 20)
+    with trio.fail_after(60):
+        async with await any_agent.open_process(["sh", "-c", "cat <&3 >&3"],
+                                                extra_fds=[3]) as proc:
+
+            async def feed() -> None:
+                await proc.fds[3].send_all(data)
+                await proc.fds[3].send_eof()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(feed)
+                echoed = await read_all(proc.fds[3])
+            assert await proc.wait() == 0
+    assert len(echoed) == len(data)
+    assert echoed == data
+
+
+# ---------------------------------------------------------------- signals
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, "TERM", "SIGTERM", 15, "term"],
+                         ids=["Signals", "TERM", "SIGTERM", "15", "term"])
+async def test_send_signal_forms(any_agent: controller.Agent, sig: signal.Signals | str | int,
+                                 ) -> None:
+    with trio.fail_after(20):
+        async with await any_agent.open_process(["sleep", "100"]) as proc:
+            await proc.send_signal(sig)
+            assert await proc.wait() == -15
+            assert (proc.exit_code, proc.signal, proc.core_dumped) == (143, "TERM", False)
+
+
+async def test_signal_is_handled_by_the_child(any_agent: controller.Agent) -> None:
+    # One process in the group, so nothing else can hold stdout open or race the trap.
+    script = (
+        "import os, signal\n"
+        "def on_usr1(*_):\n"
+        "    os.write(1, b'got-usr1\\n')\n"
+        "    os._exit(5)\n"
+        "signal.signal(signal.SIGUSR1, on_usr1)\n"
+        "os.write(1, b'ready\\n')  # not print(): the handler may run inside it\n"
+        "while True:\n"
+        "    signal.pause()\n"
+    )
+    with trio.fail_after(20):
+        async with await any_agent.open_process([sys.executable, "-c", script]) as proc:
+            assert await read_until(proc.stdout, b"ready\n") == b"ready\n"
+            await proc.send_signal(signal.SIGUSR1)
+            assert await read_all(proc.stdout) == b"got-usr1\n"
+            assert await proc.wait() == 5
+            assert (proc.exit_code, proc.signal) == (5, None)
+
+
+async def test_terminate_kill_and_default_actions(any_agent: controller.Agent) -> None:
+    with trio.fail_after(20):
+        for action, number in [("terminate", 15), ("kill", 9), ("USR1", 10)]:
+            async with await any_agent.open_process(["sleep", "100"]) as proc:
+                if action == "terminate":
+                    await proc.terminate()
+                elif action == "kill":
+                    await proc.kill()
+                else:
+                    await proc.send_signal(action)
+                assert await proc.wait() == -number
+                assert proc.exit_code == 128 + number
+                assert proc.signal == signal.Signals(number).name.removeprefix("SIG")
+
+
+async def test_signal_reaches_the_whole_group(any_agent: controller.Agent) -> None:
+    with trio.fail_after(20):
+        async with await any_agent.open_process(
+            ["sh", "-c", "sleep 100 & echo $!; wait"]
+        ) as proc:
+            background = int(await read_until(proc.stdout, b"\n"))
+            try:
+                assert proc_stat(background) is not None
+                await proc.terminate()
+                assert await proc.wait() == -15
+                await wait_until(lambda: gone(background), what="the background sleep to die")
+            finally:
+                kill_group_quietly(proc.pid)
+
+
+async def test_signal_to_an_exited_process_is_a_no_op(any_agent: controller.Agent) -> None:
+    with trio.fail_after(20):
+        async with await any_agent.open_process(["sh", "-c", "exit 3"]) as proc:
+            assert proc.pid is not None
+            pid = proc.pid
+            # Exited (the agent keeps the zombie) but maybe not yet known here: the agent
+            # answers for a child it knows has ended.
+            await wait_until(lambda: (proc_stat(pid) or ("?",))[0] == "Z", what="zombie")
+            await proc.send_signal("TERM")
+            assert await proc.wait() == 3
+            await proc.send_signal(signal.SIGTERM)
+            await proc.terminate()
+            await proc.kill()
+            assert (proc.returncode, proc.exit_code, proc.signal) == (3, 3, None)
+        await proc.kill()  # after release too
+        assert proc.returncode == 3
+
+
+async def test_signal_the_protocol_cannot_carry_raises_valueerror(
+    any_agent: controller.Agent,
+) -> None:
+    with trio.fail_after(10):
+        async with await any_agent.open_process(["sleep", "100"]) as proc:
+            for bad in ("NOSUCHSIGNAL", "SIG", 999, signal.SIGRTMIN):
+                with pytest.raises(ValueError, match=r"(?i)signal"):
+                    await proc.send_signal(bad)
+            assert proc.returncode is None
+            # Nothing was left half-sent: the next signal is acknowledged as usual.
+            await proc.terminate()
+            assert await proc.wait() == -signal.SIGTERM
+
+
+# ---------------------------------------------------------------- cancellation, check, spawn
+
+
+async def test_cancelled_run_process_kills_the_group_and_reaps(
+    any_agent: controller.Agent, tmp_path: Path
+) -> None:
+    pid_file = tmp_path / "pid"
+    script = f"echo $$ > {pid_file}.tmp && mv {pid_file}.tmp {pid_file}; sleep 100 & sleep 100"
+    leader: int | None = None
+    try:
+        with trio.fail_after(30):
+            with trio.CancelScope() as scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(any_agent.run_process, ["sh", "-c", script])
+                    await wait_until(pid_file.exists, what="the pid file")
+                    leader = int(pid_file.read_text())
+                    await wait_until(lambda: len(group_members(leader or 0)) == 3,
+                                     what="sh and its two sleeps")
+                    scope.cancel()
+            assert scope.cancelled_caught
+            # run_process killed the group (SIGKILL to -pgid) before returning; the
+            # members' deaths and the reaping (on close) follow right after.
+            await wait_until(lambda: group_members(leader or 0) == [],
+                             what="no live member of the group")
+            await wait_until(lambda: proc_stat(leader or 0) is None, what="the leader reaped")
+            assert await any_agent.ping() >= 0  # the agent carries on
+    finally:
+        kill_group_quietly(leader)
+
+
+async def test_check_raises_called_process_error(any_agent: controller.Agent) -> None:
+    argv = ["sh", "-c", "echo out; echo err >&2; exit 3"]
+    with pytest.raises(subprocess.CalledProcessError) as info:
+        await any_agent.run_process(argv, capture_stdout=True, capture_stderr=True)
+    assert info.value.returncode == 3
+    assert info.value.cmd == argv
+    assert (info.value.stdout, info.value.stderr) == (b"out\n", b"err\n")
+
+    with pytest.raises(subprocess.CalledProcessError) as info:
+        await any_agent.run_process(["sh", "-c", "kill -USR1 $$"])
+    assert info.value.returncode == -signal.SIGUSR1
+    assert (info.value.stdout, info.value.stderr) == (None, None)
+
+    done = await any_agent.run_process(argv, capture_stdout=True, check=False)
+    assert (done.returncode, done.stdout) == (3, b"out\n")
+    assert done.stderr is None
+
+
+async def test_spawn_failures_raise_oserror(any_agent: controller.Agent, tmp_path: Path) -> None:
+    not_executable = tmp_path / "data.sh"
+    not_executable.write_text("#!/bin/sh\necho never\n")
+    not_executable.chmod(0o644)
+    with pytest.raises(FileNotFoundError):
+        await any_agent.open_process(["/nonexistent/program"])
+    with pytest.raises(FileNotFoundError):
+        await any_agent.open_process(["no-such-program-mproxy"])
+    with pytest.raises(PermissionError):
+        await any_agent.open_process([str(not_executable)])
+    with pytest.raises(FileNotFoundError):
+        await any_agent.open_process(["true"], cwd=tmp_path / "missing")
+    with pytest.raises(FileNotFoundError):
+        await any_agent.run_process(["no-such-program-mproxy"])
+    with pytest.raises(PermissionError):
+        await any_agent.run_process([str(not_executable)], capture_stdout=True)
+    # The agent is unharmed and nothing is left registered.
+    done = await any_agent.run_process(["echo", "still here"], capture_stdout=True)
+    assert done.stdout == b"still here\n"
+    await wait_until(lambda: not any_agent.processes, what="every process released")
+
+
+# ---------------------------------------------------------------- environment and cwd
+
+
+async def test_exact_environment(any_agent: controller.Agent) -> None:
+    done = await any_agent.run_process(["/usr/bin/env"], env={"A": "1", b"B": b"x=y"},
+                                       capture_stdout=True)
+    assert sorted(done.stdout.splitlines()) == [b"A=1", b"B=x=y"]
+    done = await any_agent.run_process(["/usr/bin/env"], env={}, capture_stdout=True)
+    assert done.stdout == b""
+
+
+async def test_inherited_environment_with_overrides_and_removals(
+    any_agent: controller.Agent,
+) -> None:
+    done = await any_agent.run_process(
+        ["/usr/bin/env"], env_overrides={"MPX_TEST_SET": "set value", "PATH": "/bin"},
+        env_remove=["HOME", "NOT_THERE"], capture_stdout=True,
+    )
+    env = dict(line.split(b"=", 1) for line in done.stdout.splitlines())
+    assert env[b"MPX_TEST_SET"] == b"set value"
+    assert env[b"PATH"] == b"/bin"
+    assert b"HOME" not in env
+    done = await any_agent.run_process(["/usr/bin/env"], capture_stdout=True)
+    env = dict(line.split(b"=", 1) for line in done.stdout.splitlines())
+    assert env[b"PATH"] == os.environb[b"PATH"]  # inherited from the agent (from us)
+
+
+async def test_cwd(any_agent: controller.Agent, tmp_path: Path) -> None:
+    (tmp_path / "marker").write_text("here")
+    done = await any_agent.run_process(["sh", "-c", "pwd -P; cat marker"], cwd=tmp_path,
+                                       capture_stdout=True)
+    assert done.stdout == os.fsencode(tmp_path.resolve()) + b"\nhere"
+
+
+# ---------------------------------------------------------------- releasing processes
+
+
+async def test_async_with_kills_and_reaps(any_agent: controller.Agent) -> None:
+    with trio.fail_after(20):
+        async with await any_agent.open_process(
+            ["sh", "-c", "sleep 100 & exec sleep 100"]
+        ) as proc:
+            assert proc.pid is not None
+            pid = proc.pid
+            await wait_until(lambda: len(group_members(pid)) == 2, what="both sleeps")
+        # Leaving the block waited for the agent's closed: already reaped, group empty.
+        assert proc.returncode == -signal.SIGKILL
+        assert proc.closed
+        assert proc.id not in any_agent.processes
+        assert group_members(pid) == []
+        assert proc_stat(pid) is None
+        with pytest.raises(trio.ClosedResourceError):
+            await proc.stdin.send_all(b"late")
+
+
+async def test_no_hello_within_the_handshake_timeout_is_agent_lost() -> None:
+    with trio.fail_after(20), pytest.raises(controller.AgentLost, match="no hello within"):
+        async with controller.open_agent(
+            ["sleep", "60"], handshake_timeout=0.5, shutdown_timeout=1
+        ):
+            pass
+
+
+async def test_cancelled_wait_leaves_the_child_running(any_agent: controller.Agent) -> None:
+    with trio.fail_after(20):
+        async with await any_agent.open_process(["cat"]) as proc:
+            with trio.move_on_after(0.05):
+                await proc.wait()
+            assert proc.returncode is None
+            await proc.stdin.send_all(b"alive\n")
+            assert await read_until(proc.stdout, b"\n") == b"alive\n"
+            await proc.stdin.aclose()
+            assert await proc.wait() == 0
+
+
+# ---------------------------------------------------------------- agent loss
+
+
+async def test_agent_death_fails_pending_and_later_calls() -> None:
+    pids: list[int] = []
+    try:
+        with trio.fail_after(30), pytest.raises(controller.AgentLost) as lost_info:
+            async with controller.open_agent(agent_args=GRACE_ARGS,
+                                              stderr=subprocess.DEVNULL) as conn:
+                talker = await conn.open_process(["sh", "-c", "echo ready; exec sleep 100"])
+                stuck = await conn.open_process(["sleep", "100"])  # never reads its stdin
+                assert talker.pid is not None and stuck.pid is not None
+                pids += [talker.pid, stuck.pid]
+                stat = proc_stat(talker.pid)
+                assert stat is not None
+                agent_pid = stat[1]
+                assert await read_until(talker.stdout, b"ready\n") == b"ready\n"
+
+                outcomes: dict[str, object] = {}
+
+                async def record(name: str, call: Callable[[], Awaitable[object]]) -> None:
+                    try:
+                        outcomes[name] = await call()
+                    except Exception as exc:
+                        outcomes[name] = exc
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(record, "wait", talker.wait)
+                    nursery.start_soon(record, "receive_some", talker.stdout.receive_some)
+                    nursery.start_soon(record, "send_all",
+                                       lambda: stuck.stdin.send_all(b"x" * (8 << 20)))
+                    nursery.start_soon(record, "run_process",
+                                       lambda: conn.run_process(["sleep", "100"]))
+                    await wait_until(lambda: conn.conn.send_credit(stuck.id, 0) == 0,
+                                     what="stdin blocked on credit")
+                    await wait_until(lambda: len(conn.processes) == 3 and all(
+                        p.pid for p in conn.processes.values()), what="run_process started")
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert outcomes == {}
+                    os.kill(agent_pid, signal.SIGKILL)
+                assert set(outcomes) == {"wait", "receive_some", "send_all", "run_process"}
+                for name, outcome in outcomes.items():
+                    assert isinstance(outcome, controller.AgentLost), (name, outcome)
+                    assert isinstance(outcome, trio.BrokenResourceError)
+                run_pid = next(p.pid for p in conn.processes.values()
+                               if p not in (talker, stuck))
+                assert run_pid is not None
+                pids.append(run_pid)
+
+                # Later calls fail the same way; no exit status is ever made up.
+                assert talker.returncode is None and talker.exit_code is None
+                for call in (talker.wait, talker.stdout.receive_some, talker.terminate,
+                             lambda: stuck.stdin.send_all(b"x"),
+                             lambda: conn.open_process(["true"]),
+                             lambda: conn.run_process(["true"]),
+                             lambda: conn.configure_env(keep=["PATH"])):
+                    with pytest.raises(controller.AgentLost):
+                        await call()
+                await talker.aclose()  # releasing is still fine
+                await conn.ping()  # leaves the block with AgentLost
+        assert "agent exit status -9" in str(lost_info.value)
+    finally:
+        for pid in pids:  # orphaned when the agent died: ours to clean up
+            kill_group_quietly(pid)
+
+
+async def test_agent_that_exits_before_hello_is_lost() -> None:
+    with trio.fail_after(20), pytest.raises(controller.AgentLost) as info:
+        async with controller.open_agent(["sh", "-c", "exit 0"]):
+            raise AssertionError("never connected")
+    assert "agent exit status 0" in str(info.value)
+
+
+# ---------------------------------------------------------------- leaving open_agent
+
+
+def recording_agent(status_file: Path) -> list[str]:
+    """An agent command that writes the agent's exit status to ``status_file``."""
+    return ["sh", "-c", f'"$0" -m agent "$@"; echo $? > {status_file}', sys.executable]
+
+
+async def test_leaving_normally_finishes_processes_and_agent_exits_0(tmp_path: Path) -> None:
+    status_file, out_file = tmp_path / "status", tmp_path / "out"
+    with trio.fail_after(30):
+        async with controller.open_agent(recording_agent(status_file),
+                                         agent_args=GRACE_ARGS) as conn:
+            writer = await conn.open_process(["sh", "-c", f"cat > {out_file}; echo end >> "
+                                              f"{out_file}; exit 4"])
+            await writer.stdin.send_all(b"data\n")  # no eof: leaving sends it
+            chatty = await conn.open_process(["sh", "-c", "seq 1 100000; exit 6"])
+            slow = await conn.open_process(["sh", "-c", "read x; exit 5"])
+    assert out_file.read_text() == "data\nend\n"
+    assert (writer.returncode, chatty.returncode, slow.returncode) == (4, 6, 5)
+    assert status_file.read_text() == "0\n"
+
+
+class Boom(Exception):
+    pass
+
+
+@pytest.mark.parametrize("how", ["exception", "cancellation"])
+async def test_leaving_abnormally_kills_children(how: str, tmp_path: Path) -> None:
+    status_file = tmp_path / "status"
+    leader: int | None = None
+    try:
+        expected = pytest.raises(Boom) if how == "exception" else contextlib.nullcontext()
+        with trio.fail_after(30), trio.CancelScope() as scope, expected:
+            async with controller.open_agent(recording_agent(status_file),
+                                             agent_args=GRACE_ARGS) as conn:
+                proc = await conn.open_process(["sh", "-c", "sleep 100 & exec sleep 100"])
+                leader = proc.pid
+                await wait_until(lambda: len(group_members(leader or 0)) == 2,
+                                 what="both sleeps")
+                if how == "exception":
+                    raise Boom
+                scope.cancel()
+                await trio.sleep_forever()
+        assert scope.cancelled_caught == (how == "cancellation")
+        # open_agent waited for the agent, which killed and reaped its child first.
+        assert leader is not None
+        assert group_members(leader) == []
+        assert proc_stat(leader) is None
+        assert status_file.read_text() == "0\n"
+    finally:
+        kill_group_quietly(leader)
+
+
+# ---------------------------------------------------------------- logging
+
+
+async def test_agent_log_frames_go_to_the_mproxy_agent_logger(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="mproxy.agent")
+    with trio.fail_after(20):
+        async with controller.open_agent(agent_args=["--log-level", "debug"],
+                                         stderr=subprocess.DEVNULL) as conn:
+            proc = await conn.open_process(["true"])
+            assert await proc.wait() == 0
+            await proc.aclose()
+            with pytest.raises(FileNotFoundError):
+                await conn.open_process(["/nonexistent/program"])
+            await conn.ping()  # frames are ordered: every log frame sent so far is in
+    records = [r for r in caplog.records if r.name == "mproxy.agent"]
+    messages = [r.getMessage() for r in records]
+    assert f"started id={proc.id} pid={proc.pid}" in messages
+    started = records[messages.index(f"started id={proc.id} pid={proc.pid}")]
+    assert started.levelno == logging.DEBUG
+    assert started.attrs == {"id": str(proc.id), "pid": str(proc.pid)}  # type: ignore[attr-defined]
+    assert any(m.startswith("spawn failed id=2 detail=") for m in messages), messages
+    assert any(m.startswith("controller connected impl=mproxy-controller") for m in messages)
