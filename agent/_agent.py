@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import logging
 import os
 import signal
 import subprocess
-import sys
 import traceback
 from collections.abc import Iterable
 from typing import Final
@@ -59,7 +57,7 @@ from ._process import (
 )
 from ._pumps import Endpoint, InPump, OutPump
 from ._writer import FrameWriter
-from .transport import Transport
+from .transport import Transport, enlarge_pipe
 
 __all__ = ["Agent"]
 
@@ -72,7 +70,6 @@ OUTPUT_BUDGET: Final = 4 << 20
 #: Pause reading frames while this many control frames wait to be written: a controller
 #: that sends but never reads must not make the agent queue replies without bound.
 _MAX_QUEUED_CONTROL: Final = 10_000
-_F_SETPIPE_SZ: Final = 1031  # Linux; not in Python 3.11's fcntl module
 # How often teardown looks for processes left in the children's groups.
 _GROUP_POLL: Final = 0.05
 
@@ -178,6 +175,9 @@ class Agent:
         self.output_budget = ByteBudget(OUTPUT_BUDGET)
         self.children: dict[int, Child] = {}
         self.policy = DEFAULT_POLICY
+        # The agent never changes its own environment, so the filtered copy children
+        # inherit is computed once per policy rather than once per exec.
+        self.inherited_env = self.policy.filter(os.environb)
         self.grace = grace
         self.max_children = max_children
         self.log_level = _LEVELS[log_level]
@@ -202,10 +202,23 @@ class Agent:
         if not self.conn.goodbye:
             self.writer.send_control(self.conn.send(frame))
 
+    def send_after_data(self, frame: Frame) -> None:
+        """Queue a frame behind every data and eof frame queued so far (control frames
+        overtake those): closed must be the last frame about its child, goodbye the last
+        of the connection."""
+        if not self.conn.goodbye:
+            self.writer.send_data(self.conn.send(frame))
+
     def log(self, level: str, msg: str, **attrs: object) -> None:
+        """A diagnostic for the controller, as a log frame; on stderr instead once the
+        connection can no longer carry it (a local controller shares our stderr, so
+        writing both would show every record twice)."""
         number = _LEVELS[level]
-        logger.log(number, "%s %s", msg, " ".join(f"{k}={v}" for k, v in attrs.items()))
-        if number >= self.log_level and not self.conn.goodbye:
+        if number < self.log_level:
+            return
+        if self.conn.goodbye or self._stop.is_set():
+            logger.log(number, "%s %s", msg, " ".join(f"{k}={v}" for k, v in attrs.items()))
+        else:
             self.send(Log(level=level, msg=msg, attrs={k: str(v) for k, v in attrs.items()}))
 
     def stop(self, reason: str, status: int = 0) -> None:
@@ -230,7 +243,9 @@ class Agent:
                 await self._stop.wait()
                 logger.debug("stopping: %s", self._stop_reason)
                 self.writer.close()
-                with trio.move_on_after(1.0):
+                # Flush the last frames (goodbye, a fatal error), but never wait for
+                # ever on a controller that stopped reading.
+                with trio.move_on_after(max(1.0, self.grace)):
                     await self._writer_done.wait()
                 nursery.cancel_scope.cancel()
         except Exception as exc:  # a bug in the agent, not bad input: report it, clean up
@@ -301,6 +316,10 @@ class Agent:
             self._on_signal(frame)
         elif isinstance(frame, Close):
             child = self.children[frame.id]
+            if child.pid is not None and child.status is None:
+                # Now, before any pump can close a pipe under the child: it must die of
+                # this SIGKILL, not of a SIGPIPE that races it.
+                kill_group(child.pid, signal.SIGKILL)
             child.close_requested.set()
             if child.drain_scope is not None:
                 child.drain_scope.cancel()
@@ -333,6 +352,7 @@ class Agent:
     def _on_config(self, frame: Config) -> None:
         try:
             self.policy = self.policy.updated(frame.env_keep, frame.env_remove)
+            self.inherited_env = self.policy.filter(os.environb)
         except ValueError as exc:
             self.send(Error(kind=ErrorKind.BAD_FRAME, msg=f"config frame: {exc}", ref="config"))
 
@@ -381,7 +401,7 @@ class Agent:
                 kill_group(child.pid, signal.SIGKILL)
             child.release()
             child.reap()
-            self.send(Closed(child.id))
+            self.send_after_data(Closed(child.id))
         finally:
             child.release()
             if child.reaped or child.pid is None:
@@ -401,7 +421,7 @@ class Agent:
                 spec = childproc.Spec(
                     path=frame.path if frame.path is not None else frame.argv[0],
                     argv=list(frame.argv),
-                    env=child_environment(frame, self.policy, os.environb),
+                    env=child_environment(frame, self.inherited_env),
                     cwd=frame.cwd,
                     extra_fds=list(frame.fds),
                     drop_sudo_credentials=frame.drop_sudo,
@@ -449,8 +469,8 @@ class Agent:
         child.pipes = pipes
         for stream in (pipes.stdin, pipes.stdout, pipes.stderr):
             os.set_blocking(stream.fileno(), False)
-        _enlarge_pipe(pipes.stdout.fileno())
-        _enlarge_pipe(pipes.stderr.fileno())
+        for stream in (pipes.stdin, pipes.stdout, pipes.stderr):
+            enlarge_pipe(stream.fileno())
         child.ins[0] = InPump(self, child, 0, Endpoint(pipes.stdin.fileno(), 1,
                                                        pipes.stdin.close))
         child.outs[1] = OutPump(self, child, 1, Endpoint(pipes.stdout.fileno(), 1,
@@ -519,7 +539,7 @@ class Agent:
             else:
                 await child.finished.wait()
         await self._kill_leftovers(self.children.values())
-        self.send(Goodbye())
+        self.send_after_data(Goodbye())
         self.stop("shutdown complete")
 
     async def _reap_orphans_loop(self) -> None:
@@ -597,9 +617,3 @@ class Agent:
             child.reap()
         self.children.clear()
 
-
-def _enlarge_pipe(fd: int) -> None:
-    """Raise a pipe's buffer to 1 MiB (Linux): fewer, larger reads per byte relayed."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(fd, _F_SETPIPE_SZ, 1 << 20)

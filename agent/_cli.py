@@ -14,7 +14,7 @@ import trio
 import childproc
 
 from . import __version__, _orphans, serve
-from .transport import FdTransport
+from .transport import FdTransport, enlarge_pipe
 
 __all__ = ["main"]
 
@@ -66,6 +66,8 @@ def _claim_stdio() -> tuple[int, int]:
     so nothing else (a stray print, a library) can corrupt the frame stream."""
     read_fd = os.dup(0)
     write_fd = os.dup(1)
+    enlarge_pipe(read_fd)
+    enlarge_pipe(write_fd)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)

@@ -74,17 +74,16 @@ class EnvPolicy:
 DEFAULT_POLICY: Final = EnvPolicy.from_patterns(DEFAULT_KEEP, DEFAULT_REMOVE)
 
 
-def child_environment(
-    frame: Exec, policy: EnvPolicy, inherited: Mapping[bytes, bytes]
-) -> list[bytes]:
+def child_environment(frame: Exec, inherited: Mapping[bytes, bytes]) -> list[bytes]:
     """The child's environment as ``K=V`` entries: ``frame.env`` exactly when given, else
-    the policy-filtered ``inherited``; then ``env_unset`` removed and ``env_set`` applied."""
+    ``inherited`` (already filtered by the policy); then ``env_unset`` removed and
+    ``env_set`` applied."""
     if frame.env is not None and not frame.env_unset and not frame.env_set:
         return list(frame.env)
     if frame.env is not None:
         env = dict(entry.split(b"=", 1) for entry in frame.env)
     else:
-        env = policy.filter(inherited)
+        env = dict(inherited)
     for name in frame.env_unset:
         env.pop(name, None)
     for entry in frame.env_set:

@@ -94,6 +94,7 @@ class OutPump:
         self.read_total = 0
         self.written_total = 0
         self.finished = False
+        self.dropped = False  # read output was discarded (the child was closed)
         self._in_flight = 0
         self._progress = trio.lowlevel.ParkingLot()
 
@@ -106,7 +107,10 @@ class OutPump:
                 if credit == 0 or self._in_flight >= _MAX_IN_FLIGHT:
                     if not conn.can_send(child.id, self.ch):
                         return  # the controller closed the child
-                    await (child.credit_lot if credit == 0 else self._progress).park()
+                    if credit:
+                        await self._progress.park()
+                    elif await self._ends_before_credit(fd):
+                        break  # eof carries no data: it needs no credit
                     continue
                 # Wait for output before taking budget: an idle child must hold none.
                 await trio.lowlevel.wait_readable(fd)
@@ -130,6 +134,7 @@ class OutPump:
                 header = conn.send_data(child.id, self.ch, data)
                 if not header:  # the controller closed the child meanwhile
                     agent.output_budget.release(len(data))
+                    self.dropped = True
                     return
                 self._in_flight += 1
                 agent.writer.send_data(header, data, on_written=self._written_cb(len(data)))
@@ -143,6 +148,35 @@ class OutPump:
             self.endpoint.done(socket.SHUT_RD)
             child.pump_finished()
 
+    async def _ends_before_credit(self, fd: int) -> bool:
+        """Wait for credit, or for the child's end to close with nothing left unread
+        (True). Without this a controller that granted exactly what the child wrote
+        would never see the channel's eof."""
+        ended = closed = False
+
+        async def watch(scope: trio.CancelScope) -> None:
+            nonlocal ended, closed
+            try:
+                if fionread(fd) == 0:
+                    await trio.lowlevel.wait_readable(fd)
+                    # Readable with nothing to read: the other end closed.
+                    ended = fionread(fd) == 0
+            except (trio.ClosedResourceError, OSError):
+                closed = True
+                scope.cancel()
+                return
+            if ended:
+                scope.cancel()
+            # Else data is waiting: only credit can move this channel on.
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch, nursery.cancel_scope)
+            await self._child.credit_lot.park()
+            nursery.cancel_scope.cancel()
+        if closed:
+            raise trio.ClosedResourceError("the child was released")
+        return ended
+
     def _written_cb(self, size: int) -> Callable[[], None]:
         def written() -> None:
             self._in_flight -= 1
@@ -152,17 +186,22 @@ class OutPump:
         return written
 
     def drain_target(self) -> int:
-        """The byte count at which everything the channel holds right now is sent."""
+        """The byte count at which everything the channel holds right now is written out:
+        what was read (some of it may still wait in the writer's queue) plus what the
+        pipe holds."""
         if self.finished or self.endpoint.closed:
-            return 0
+            return self.read_total
         try:
             return self.read_total + fionread(self.endpoint.fd)
         except OSError:
-            return 0
+            return self.read_total
 
     async def drain(self, target: int) -> None:
-        """Return once ``target`` bytes have been written out, or the channel ended."""
-        while self.written_total < target and not self.finished:
+        """Return once ``target`` bytes have been written out, or output was dropped
+        because the controller closed the child. Written, not merely queued (even when
+        the pump has finished reading): exit is a control frame, which the writer sends
+        ahead of queued data."""
+        while self.written_total < target and not self.dropped:
             await self._progress.park()
 
 

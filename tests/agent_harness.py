@@ -1,0 +1,556 @@
+"""A raw controller for the agent's tests: a protocol.Connection over a transport, with
+every frame the agent sends recorded per child.
+
+Because it speaks through a real :class:`protocol.Connection` in the controller role,
+every frame the agent sends is validated: a data frame beyond the credit granted, an eof
+whose byte count does not match, a frame about an unknown child make the reader raise,
+which fails the test. Credit for the agent's output is granted as it arrives unless a
+child (or the whole harness) is put on hold. Hand-made bytes can be sent unvalidated with
+:meth:`Raw.send_raw`.
+
+Agents: :func:`inproc` serves ``agent.serve`` in this process over trio memory streams;
+:func:`spawned` starts ``python -m agent`` over pipes (the real CLI: subreaper, signal
+handling, fd sweep, RLIMIT_NOFILE).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import math
+import os
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+import trio.testing
+
+import agent
+from protocol import (
+    CONNECTION_CLOSED,
+    DEFAULT_MAX_FRAME,
+    DEFAULT_WINDOW,
+    NEED_DATA,
+    Close,
+    Closed,
+    Connection,
+    Data,
+    Eof,
+    Error,
+    Exec,
+    Exit,
+    Frame,
+    Goodbye,
+    Hello,
+    Log,
+    RemoteProtocolError,
+    Role,
+    Signal,
+    SignalAck,
+    Started,
+    Window,
+)
+
+AGENT_ARGV = [sys.executable, "-m", "agent"]
+
+
+@dataclass
+class Kid:
+    """What the agent told us about one child id."""
+
+    id: int
+    started: Started | None = None
+    exit: Exit | None = None
+    closed: bool = False
+    closing: bool = False  # we sent close
+    errors: list[Error] = field(default_factory=list)
+    acks: list[SignalAck] = field(default_factory=list)
+    out: dict[int, bytearray] = field(default_factory=dict)  # ch -> bytes (when keep)
+    count: dict[int, int] = field(default_factory=dict)  # ch -> bytes received
+    nonzero: dict[int, int] = field(default_factory=dict)  # ch -> non-NUL bytes received
+    eof: dict[int, int] = field(default_factory=dict)  # ch -> n of its eof frame
+    at_exit: dict[int, int] | None = None  # count per channel when exit arrived
+    keep: bool = True  # store the output bytes (else count only)
+    hold: bool = False  # grant no credit for this child's output
+    sink: Callable[[int, bytes], None] | None = None  # also called with (ch, data)
+
+    def __post_init__(self) -> None:
+        for ch in (1, 2):
+            self.count.setdefault(ch, 0)
+            self.nonzero.setdefault(ch, 0)
+
+    @property
+    def pid(self) -> int:
+        assert self.started is not None, f"child {self.id} has not started"
+        return self.started.pid
+
+    def output(self, ch: int) -> bytes:
+        return bytes(self.out.get(ch, b""))
+
+    def error_kinds(self) -> list[str]:
+        return [e.kind for e in self.errors]
+
+
+class Raw:
+    """One controller connection to an agent, driven frame by frame."""
+
+    def __init__(
+        self,
+        send_stream: trio.abc.SendStream,
+        receive_stream: trio.abc.ReceiveStream,
+        *,
+        window: int = DEFAULT_WINDOW,
+        max_frame: int = DEFAULT_MAX_FRAME,
+    ) -> None:
+        self.send_stream = send_stream
+        self.receive_stream = receive_stream
+        self.conn = Connection(Role.CONTROLLER, window=window, max_frame_size=max_frame,
+                               impl="test-controller", impl_version="0")
+        self.kids: dict[int, Kid] = {}
+        self.frames: list[Frame] = []  # everything but data frames, in arrival order
+        self.errors: list[Error] = []
+        self.logs: list[Log] = []
+        self.goodbye = False
+        self.ended = trio.Event()  # the agent's stream ended (EOF or failure)
+        self.end_reason = ""
+        self.write_failed: BaseException | None = None
+        self.hold_all = False
+        self._next_id = 1
+        self._lot = trio.lowlevel.ParkingLot()
+        self._send_q, self._recv_q = trio.open_memory_channel[bytes](math.inf)
+        self._queued = 0
+        self._written = 0
+        self._paused = False
+        self._reading_scope: trio.CancelScope | None = None
+
+    # ------------------------------------------------------------------ tasks
+
+    async def start(self, nursery: trio.Nursery, timeout: float = 10.0,
+                    hello: bytes | None = None) -> None:
+        """Start the reader and writer tasks, send our hello (or the ``hello`` bytes
+        given instead), wait for the agent's."""
+        nursery.start_soon(self._write_loop)
+        nursery.start_soon(self._read_loop)
+        self._queue(self.conn.initiate() if hello is None else hello)
+        await self.wait(lambda: self.conn.their_hello is not None or self.ended.is_set(),
+                        timeout, "the agent's hello")
+        assert self.conn.their_hello is not None, f"no hello: {self.end_reason}"
+
+    async def _write_loop(self) -> None:
+        async for item in self._recv_q:
+            items = [item]
+            with contextlib.suppress(trio.WouldBlock):
+                while len(items) < 512:
+                    items.append(self._recv_q.receive_nowait())
+            try:
+                await self.send_stream.send_all(b"".join(items))
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self.write_failed = exc
+                self._lot.unpark_all()
+                return
+            self._written += len(items)
+            self._lot.unpark_all()
+
+    async def _read_loop(self) -> None:
+        with trio.CancelScope() as scope:
+            self._reading_scope = scope
+            try:
+                await self._read_frames()
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self._end(f"reading failed: {exc!r}")
+        self._end("reading stopped")
+
+    async def _read_frames(self) -> None:
+        while True:
+            while self._paused:
+                await self._lot.park()
+            data = await self.receive_stream.receive_some(1 << 18)
+            self.conn.receive_data(data)
+            while True:
+                try:
+                    event = self.conn.next_event()
+                except RemoteProtocolError as exc:
+                    raise AssertionError(
+                        f"the agent broke the protocol: {exc.kind}: {exc.message}"
+                    ) from exc
+                if event is NEED_DATA:
+                    break
+                if event is CONNECTION_CLOSED:
+                    self._end("EOF")
+                    return
+                assert isinstance(event, Frame)
+                self._on_frame(event)
+            self._lot.unpark_all()
+
+    def _end(self, reason: str) -> None:
+        if not self.ended.is_set():
+            self.end_reason = reason
+            self.ended.set()
+        self._lot.unpark_all()
+
+    def _on_frame(self, frame: Frame) -> None:
+        if isinstance(frame, Data):
+            self._on_data(frame)
+            return
+        self.frames.append(frame)
+        kid = self.kids.get(getattr(frame, "id", -1))
+        if isinstance(frame, Error):
+            self.errors.append(frame)
+            if frame.id is not None and kid is not None:
+                kid.errors.append(frame)
+        elif isinstance(frame, Log):
+            self.logs.append(frame)
+        elif isinstance(frame, Goodbye):
+            self.goodbye = True
+        elif kid is None:
+            assert isinstance(frame, (Hello, Window)) or not hasattr(frame, "id"), frame
+        elif isinstance(frame, Started):
+            kid.started = frame
+        elif isinstance(frame, Exit):
+            kid.exit = frame
+            kid.at_exit = dict(kid.count)
+        elif isinstance(frame, Eof):
+            assert frame.n is not None, "the agent's eof frames carry n"
+            kid.eof[frame.ch] = frame.n
+        elif isinstance(frame, SignalAck):
+            kid.acks.append(frame)
+        elif isinstance(frame, Closed):
+            kid.closed = True
+
+    def _on_data(self, frame: Data) -> None:
+        kid = self.kids[frame.id]
+        size = len(frame.data)
+        kid.count[frame.ch] = kid.count.get(frame.ch, 0) + size
+        kid.nonzero[frame.ch] = kid.nonzero.get(frame.ch, 0) + size - frame.data.count(0)
+        if kid.keep:
+            kid.out.setdefault(frame.ch, bytearray()).extend(frame.data)
+        if kid.sink is not None:
+            kid.sink(frame.ch, frame.data)
+        if size and not kid.hold and not self.hold_all and not kid.closing:
+            self._queue(self.conn.send(Window(frame.id, frame.ch, size)))
+
+    # ------------------------------------------------------------------ sending
+
+    def _queue(self, data: bytes) -> None:
+        if data:
+            self._queued += 1
+            self._send_q.send_nowait(data)
+
+    def send(self, *frames: Frame) -> None:
+        """Validate and queue frames (written together, in one write when possible)."""
+        self._queue(b"".join(self.conn.send(f) for f in frames))
+
+    def send_raw(self, data: bytes) -> None:
+        """Queue bytes exactly as given: the connection state is not consulted."""
+        self._queue(data)
+
+    async def flush(self, timeout: float = 10.0) -> None:
+        """Wait until everything queued has been written to the agent."""
+        await self.wait(lambda: self._written >= self._queued or self.write_failed is not None,
+                        timeout, "our frames to be written")
+
+    def new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id - 1
+
+    def exec(self, argv: Sequence[str | bytes], *, id: int | None = None, keep: bool = True,
+             hold: bool = False, sink: Callable[[int, bytes], None] | None = None,
+             more: Sequence[Frame] = (), **fields: Any) -> Kid:
+        """Send an exec frame (and ``more`` frames in the same write); return its Kid."""
+        kid = Kid(self.new_id() if id is None else id, keep=keep, hold=hold, sink=sink)
+        self.kids[kid.id] = kid
+        frame = Exec(id=kid.id, argv=tuple(os.fsencode(a) for a in argv), **fields)
+        self.send(frame, *more)
+        return kid
+
+    def write_now(self, id: int, ch: int, data: bytes) -> None:
+        """Send data that the credit already covers (asserted)."""
+        assert len(data) <= self.conn.send_credit(id, ch), "not enough credit"
+        self._queue(self.conn.send_data(id, ch, data) + data)
+
+    async def write(self, id: int, ch: int, data: bytes, timeout: float = 10.0) -> None:
+        """Send data, waiting for credit as needed."""
+        view = memoryview(data)
+        while view:
+            await self.wait(lambda: self.conn.send_credit(id, ch) > 0, timeout,
+                            f"credit on channel {ch} of child {id}")
+            size = min(len(view), self.conn.send_credit(id, ch), self.conn.max_data_payload)
+            self.write_now(id, ch, bytes(view[:size]))
+            view = view[size:]
+
+    def eof(self, id: int, ch: int = 0) -> None:
+        self.send(Eof(id, ch))
+
+    def signal(self, id: int, sig: str) -> None:
+        self.send(Signal(id, sig))
+
+    def close(self, id: int) -> None:
+        self.kids[id].closing = True
+        self.send(Close(id))
+
+    def grant(self, id: int, ch: int, n: int) -> None:
+        self.send(Window(id, ch, n))
+
+    # ------------------------------------------------------------------ reading control
+
+    def pause_reading(self) -> None:
+        """Stop reading the agent's stream (after the chunk being read, if any)."""
+        self._paused = True
+
+    def resume_reading(self) -> None:
+        self._paused = False
+        self._lot.unpark_all()
+
+    def stop_reading(self) -> None:
+        """End the reader task for good (e.g. before closing our read end)."""
+        if self._reading_scope is not None:
+            self._reading_scope.cancel()
+
+    # ------------------------------------------------------------------ waiting
+
+    async def wait(self, predicate: Callable[[], bool], timeout: float = 10.0,
+                   what: str = "condition") -> None:
+        """Wait until ``predicate()`` holds; re-checked after every batch of frames."""
+        with trio.move_on_after(timeout):
+            while not predicate():
+                await self._lot.park()
+            return
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+    async def started(self, kid: Kid, timeout: float = 10.0) -> int:
+        await self.wait(lambda: kid.started is not None or bool(kid.errors), timeout,
+                        f"child {kid.id} to start")
+        assert kid.started is not None, f"child {kid.id} failed: {kid.errors}"
+        return kid.started.pid
+
+    async def exited(self, kid: Kid, timeout: float = 10.0) -> Exit:
+        await self.wait(lambda: kid.exit is not None, timeout, f"child {kid.id} to exit")
+        assert kid.exit is not None
+        return kid.exit
+
+    async def finished(self, kid: Kid, timeout: float = 10.0, chans: Sequence[int] = (1, 2)
+                       ) -> Exit:
+        """Wait for exit and the eof of every output channel."""
+        await self.wait(lambda: kid.exit is not None and all(c in kid.eof for c in chans),
+                        timeout, f"child {kid.id} to exit and reach eof")
+        assert kid.exit is not None
+        return kid.exit
+
+    async def closed(self, kid: Kid, timeout: float = 10.0) -> None:
+        await self.wait(lambda: kid.closed, timeout, f"child {kid.id} to be closed")
+
+    async def error(self, kid: Kid, kind: str, timeout: float = 10.0) -> Error:
+        await self.wait(lambda: kind in kid.error_kinds(), timeout,
+                        f"error {kind} for child {kid.id}")
+        return next(e for e in kid.errors if e.kind == kind)
+
+    async def ack(self, kid: Kid, timeout: float = 10.0) -> SignalAck:
+        await self.wait(lambda: bool(kid.acks), timeout, f"signal_ack for child {kid.id}")
+        return kid.acks.pop(0)
+
+    async def run(self, argv: Sequence[str | bytes], *, stdin: bytes = b"",
+                  timeout: float = 10.0, **fields: Any) -> Kid:
+        """Run a child to completion (stdin, eof, exit, output eofs) and close it."""
+        kid = self.exec(argv, **fields)
+        if stdin:
+            await self.write(kid.id, 0, stdin)
+        self.eof(kid.id)
+        await self.finished(kid, timeout)
+        self.close(kid.id)
+        await self.closed(kid, timeout)
+        return kid
+
+    async def output_is(self, kid: Kid, expected: bytes, ch: int = 1,
+                        timeout: float = 10.0) -> None:
+        """Wait until the channel has received ``len(expected)`` bytes; assert they are
+        exactly ``expected``."""
+        await self.wait(lambda: len(kid.out.get(ch, b"")) >= len(expected), timeout,
+                        f"{len(expected)} bytes on channel {ch} of child {kid.id}")
+        assert kid.output(ch) == expected
+
+    async def count_is(self, kid: Kid, count: int, ch: int = 1,
+                       timeout: float = 10.0) -> None:
+        """Wait until exactly ``count`` bytes have arrived on the channel."""
+        await self.wait(lambda: kid.count.get(ch, 0) >= count, timeout,
+                        f"{count} bytes on channel {ch} of child {kid.id}")
+        assert kid.count[ch] == count
+
+    async def errors_are(self, count: int, timeout: float = 10.0) -> None:
+        """Wait until ``count`` error frames have arrived in all."""
+        await self.wait(lambda: len(self.errors) >= count, timeout, f"{count} errors")
+
+    async def echo(self, kid: Kid, payload: bytes, timeout: float = 10.0) -> None:
+        """One round trip through a ``cat`` child: what we write comes back, exactly."""
+        before = kid.count.get(1, 0)
+        await self.write(kid.id, 0, payload)
+        await self.wait(lambda: kid.count.get(1, 0) >= before + len(payload), timeout,
+                        f"echo from child {kid.id}")
+        assert kid.output(1)[before:] == payload
+
+    async def aclose_write(self) -> None:
+        """Close our sending side: the agent sees EOF."""
+        await self.flush()
+        await self.send_stream.aclose()
+
+
+# ---------------------------------------------------------------------------- agents
+
+@contextlib.asynccontextmanager
+async def inproc(*, window: int = DEFAULT_WINDOW, max_frame: int = DEFAULT_MAX_FRAME,
+                 hello: bytes | None = None, **serve_kwargs: Any
+                 ) -> AsyncIterator[tuple[Raw, list[int]]]:
+    """An agent served in this process over memory streams. Yields the raw controller and
+    a list that receives serve()'s return value once it returned. On leaving, our side
+    is closed (EOF) and serve() must return within a few seconds. ``hello`` replaces our
+    hello frame (bytes sent as they are)."""
+    serve_kwargs.setdefault("grace", 2.0)
+    agent_side, our_side = trio.testing.memory_stream_pair()
+    status: list[int] = []
+    async with trio.open_nursery() as nursery:
+
+        async def serve() -> None:
+            status.append(await agent.serve(agent.StreamTransport(agent_side, agent_side),
+                                            **serve_kwargs))
+            await agent_side.aclose()
+
+        nursery.start_soon(serve)
+        raw = Raw(our_side.send_stream, our_side.receive_stream, window=window,
+                  max_frame=max_frame)
+        await raw.start(nursery, hello=hello)
+        yield raw, status
+        with trio.fail_after(serve_kwargs["grace"] + 10):
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await raw.aclose_write()
+            while not status:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+
+
+@dataclass
+class Spawned:
+    """A ``python -m agent`` subprocess and the raw controller connected to it."""
+
+    process: trio.Process
+    raw: Raw
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    async def wait_exit(self, timeout: float = 10.0) -> int:
+        with trio.fail_after(timeout):
+            return await self.process.wait()
+
+
+@contextlib.asynccontextmanager
+async def spawned(
+    *args: str,
+    prefix: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+    pass_fds: Sequence[int] = (),
+    window: int = DEFAULT_WINDOW,
+    stderr: int | None = None,
+) -> AsyncIterator[Spawned]:
+    """Start ``[*prefix, python, -m, agent, *args]`` with pipes as its stdin and stdout.
+
+    On leaving: our side is closed, and the agent is given 15 s to exit before it is
+    killed (a test that needs a precise ending checks it itself, before leaving).
+    """
+    to_agent_r, to_agent_w = os.pipe()
+    from_agent_r, from_agent_w = os.pipe()
+    try:
+        process = await trio.lowlevel.open_process(
+            [*prefix, *AGENT_ARGV, *args], stdin=to_agent_r, stdout=from_agent_w,
+            stderr=stderr, env=env, pass_fds=tuple(pass_fds),
+        )
+    finally:
+        os.close(to_agent_r)
+        os.close(from_agent_w)
+    send_stream = trio.lowlevel.FdStream(to_agent_w)
+    receive_stream = trio.lowlevel.FdStream(from_agent_r)
+    try:
+        async with trio.open_nursery() as nursery:
+            raw = Raw(send_stream, receive_stream, window=window)
+            await raw.start(nursery)
+            yield Spawned(process, raw)
+            nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            for stream in (send_stream, receive_stream):
+                with contextlib.suppress(Exception):
+                    await stream.aclose()
+            with trio.move_on_after(15):
+                await process.wait()
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+
+
+# ---------------------------------------------------------------------------- /proc
+
+def stat_fields(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (state is [0]), or None."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    return raw[raw.rfind(b")") + 2:].decode().split()
+
+
+def session_members(sid: int) -> list[int]:
+    """Pids (zombies included) of every process in session ``sid``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = stat_fields(int(entry))
+            if fields is not None and int(fields[3]) == sid:
+                found.append(int(entry))
+    return found
+
+
+def group_any(pgid: int) -> list[int]:
+    """Pids (zombies included) in process group ``pgid``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = stat_fields(int(entry))
+            if fields is not None and int(fields[2]) == pgid:
+                found.append(int(entry))
+    return found
+
+
+def gone(pid: int) -> bool:
+    return stat_fields(pid) is None
+
+
+async def wait_all_gone(pids: Sequence[int], pgids: Sequence[int], timeout: float,
+                        what: str) -> None:
+    """Wait until none of ``pids`` exists (not even as a zombie) and no process (zombie or
+    not) is left in any of ``pgids``."""
+    def done() -> bool:
+        return all(gone(p) for p in pids) and not any(group_any(g) for g in pgids)
+    with trio.move_on_after(timeout):
+        while not done():
+            await trio.sleep(0.02)
+        return
+    left = {p: stat_fields(p) for p in pids if not gone(p)}
+    groups = {g: group_any(g) for g in pgids if group_any(g)}
+    raise AssertionError(f"{what}: still there after {timeout}s: pids {left}, groups {groups}")
+
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+@contextlib.contextmanager
+def subreaper() -> Iterator[None]:
+    """Make this (test) process a child subreaper for the duration: orphans of processes
+    we started come to us (to be reaped with os.waitpid) instead of to pid 1."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    try:
+        yield
+    finally:
+        libc.prctl(_PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)

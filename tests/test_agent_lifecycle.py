@@ -1,0 +1,336 @@
+"""How the agent ends, and what it leaves behind: nothing. Controller EOF, EPIPE, signals
+to the agent, a controller killed outright, the grace period, the shutdown frame; orphans
+adopted by the agent (a child subreaper) and its exact statuses while they come and go.
+
+Every test here runs the real ``python -m agent`` and checks /proc: after the agent has
+exited, no process of any child's group exists, not even as a zombie, and no child pid
+exists either (the agent reaps everything before it exits).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import trio
+from agent_harness import (
+    Kid,
+    Raw,
+    Spawned,
+    gone,
+    group_any,
+    session_members,
+    spawned,
+    stat_fields,
+    subreaper,
+    wait_all_gone,
+)
+from conftest import children_of, wait_until
+
+from protocol import Exec, Goodbye, Shutdown, encode
+
+GRACE = 1.0
+# Beyond the grace period: time to notice, signal, reap and exit on a loaded machine.
+SLACK = 8.0
+
+
+async def _start_family(raw: Raw) -> tuple[list[Kid], list[int]]:
+    """Children that must all be gone after teardown: a plain one, a group with
+    grandchildren, a steady producer, and one that ignores HUP and TERM. Returns them and
+    every pid of their groups."""
+    kids = [
+        raw.exec(["sleep", "100"]),
+        raw.exec(["sh", "-c", "sleep 100 & sleep 100 & echo ready; wait"]),
+        raw.exec(["sh", "-c", "while :; do echo tick; sleep 0.02; done"]),
+        raw.exec(["sh", "-c", "trap '' HUP TERM; sleep 100 & echo ready; wait"]),
+    ]
+    await raw.wait(lambda: all(k.started for k in kids)
+                   and kids[1].output(1) == b"ready\n" and kids[2].count[1] > 0
+                   and kids[3].output(1) == b"ready\n", 10, "the family to start")
+    pids = sorted({p for k in kids for p in group_any(k.pid)})
+    assert len(pids) >= 7  # the producer's sleep comes and goes
+    return kids, pids
+
+
+async def _assert_clean_exit(agent: Spawned, kids: list[Kid], pids: list[int],
+                             what: str) -> int:
+    with trio.fail_after(GRACE + SLACK):
+        status = await agent.process.wait()
+    await wait_all_gone(pids, [k.pid for k in kids], 2, what)
+    return status
+
+
+async def test_controller_eof_ends_the_agent_and_every_child() -> None:
+    async with spawned("--grace", str(GRACE)) as agent:
+        kids, pids = await _start_family(agent.raw)
+        await agent.raw.aclose_write()
+        status = await _assert_clean_exit(agent, kids, pids, "after EOF")
+        assert status == 0
+
+
+async def test_controller_that_stops_reading_epipe_ends_the_agent() -> None:
+    async with spawned("--grace", str(GRACE)) as agent:
+        raw = agent.raw
+        kids, pids = await _start_family(raw)
+        raw.stop_reading()
+        await raw.ended.wait()
+        await raw.receive_stream.aclose()  # our write end stays open: no EOF for the agent
+        status = await _assert_clean_exit(agent, kids, pids, "after EPIPE")
+        assert status == 0
+        assert raw.write_failed is None
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+async def test_signal_to_the_agent_ends_it_and_every_child(signum: int) -> None:
+    async with spawned("--grace", str(GRACE)) as agent:
+        kids, pids = await _start_family(agent.raw)
+        os.kill(agent.pid, signum)
+        status = await _assert_clean_exit(agent, kids, pids, f"after {signum}")
+        assert status >= 0  # handled: the agent was not killed by the signal
+        # It closed its end of the connection: our reader saw the stream end.
+        with trio.fail_after(5):
+            await agent.raw.ended.wait()
+
+
+_CONTROLLER = textwrap.dedent("""
+    import trio, controller
+
+    async def main():
+        async with controller.open_agent(agent_args=["--grace", "{grace}"]) as agent:
+            procs = [
+                await agent.open_process(["sleep", "100"]),
+                await agent.open_process(["sh", "-c", "sleep 100 & sleep 100 & wait"]),
+                await agent.open_process(["sh", "-c", "trap '' HUP TERM; sleep 100"]),
+            ]
+            print(" ".join(str(p.pid) for p in procs), flush=True)
+            await trio.sleep_forever()
+
+    trio.run(main)
+""")
+
+
+async def test_controller_killed_outright_leaves_nothing_behind(tmp_path: Path) -> None:
+    script = tmp_path / "stuck_controller.py"  # not controller.py: it imports that
+    script.write_text(_CONTROLLER.format(grace=GRACE))
+    read_fd, write_fd = os.pipe()
+    with subreaper():  # the orphaned agent comes to us, so we can reap it and see its status
+        try:
+            ctl = await trio.lowlevel.open_process([sys.executable, str(script)],
+                                                   stdout=write_fd)
+        finally:
+            os.close(write_fd)
+        try:
+            with os.fdopen(read_fd, "rb") as out:
+                line = await trio.to_thread.run_sync(out.readline)
+            leaders = [int(p) for p in line.split()]
+            assert len(leaders) == 3, line
+            fields = stat_fields(leaders[0])
+            assert fields is not None
+            agent_pid = int(fields[1])
+            assert agent_pid != ctl.pid
+            await wait_until(lambda: len(group_any(leaders[1])) == 3, 10, "the sleeps")
+            pids = sorted({p for leader in leaders for p in group_any(leader)})
+            ctl.kill()
+            await ctl.wait()
+            statuses: list[int] = []
+
+            def reaped() -> bool:
+                pid, status = os.waitpid(agent_pid, os.WNOHANG)
+                if pid:
+                    statuses.append(status)
+                return bool(pid)
+
+            await wait_until(reaped, GRACE + SLACK, "the agent to exit")
+            assert os.waitstatus_to_exitcode(statuses[0]) == 0
+            await wait_all_gone([*pids, agent_pid], leaders, 2, "after the controller died")
+        finally:
+            if ctl.returncode is None:
+                ctl.kill()
+                await ctl.wait()
+
+
+async def test_grace_then_sigkill_for_children_that_ignore_term() -> None:
+    async with spawned("--grace", str(GRACE)) as agent:
+        raw = agent.raw
+        kid = raw.exec(["sh", "-c", "trap '' HUP TERM INT; echo ready; "
+                        "while :; do sleep 0.05; done"])
+        await raw.wait(lambda: kid.output(1) == b"ready\n", 10, "the trap")
+        pids = group_any(kid.pid)
+        # It survives TERM sent by us...
+        raw.signal(kid.id, "TERM")
+        assert (await raw.ack(kid)).errno is None
+        await raw.echo(raw.exec(["cat"]), b"round trip after TERM")
+        assert kid.exit is None and not gone(kid.pid)
+        # ...but not the agent's teardown.
+        await raw.aclose_write()
+        with trio.fail_after(GRACE + SLACK):
+            assert await agent.process.wait() == 0
+        await wait_all_gone(pids, [kid.pid], 2, "the TERM-proof child")
+
+
+# ---------------------------------------------------------------------------- shutdown
+
+async def test_shutdown_lets_children_finish_then_says_goodbye() -> None:
+    async with spawned("--grace", str(GRACE)) as agent:
+        raw = agent.raw
+        kids = [raw.exec(["sh", "-c", f"sleep 0.5; echo done {i}"]) for i in range(3)]
+        for kid in kids:
+            raw.eof(kid.id)
+            await raw.started(kid)
+        raw.send(Shutdown())
+        refused = Kid(999)
+        raw.kids[999] = refused
+        raw.send_raw(encode(Exec(id=999, argv=(b"true",))))  # our connection would refuse
+        error = await raw.error(refused, "shutting-down")
+        assert (error.id, error.ref) == (999, "exec")
+        await raw.wait(lambda: raw.goodbye, 10, "goodbye")
+        for i, kid in enumerate(kids):
+            assert kid.output(1) == f"done {i}\n".encode()
+            assert kid.exit is not None and kid.exit.code == 0
+            assert kid.eof == {1: len(kid.output(1)), 2: 0}
+        # Goodbye is the last frame, then the stream ends and the agent exits 0.
+        await raw.ended.wait()
+        assert raw.end_reason == "EOF"
+        assert isinstance(raw.frames[-1], Goodbye)
+        assert refused.started is None and refused.exit is None
+        with trio.fail_after(SLACK):
+            assert await agent.process.wait() == 0
+        await wait_all_gone([k.pid for k in kids], [k.pid for k in kids], 2, "after goodbye")
+
+
+async def test_shutdown_with_no_children() -> None:
+    async with spawned() as agent:
+        agent.raw.send(Shutdown())
+        await agent.raw.wait(lambda: agent.raw.goodbye, 10, "goodbye")
+        await agent.raw.ended.wait()
+        with trio.fail_after(SLACK):
+            assert await agent.process.wait() == 0
+
+
+# ---------------------------------------------------------------------------- orphans
+
+_DOUBLE_FORK = textwrap.dedent("""
+    import os, sys
+    if os.fork() == 0:
+        os.setsid()
+        pid = os.fork()
+        if pid == 0:
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            os.execvp("sleep", ["sleep", "100"])
+        print(pid, flush=True)
+        os._exit(0)
+    os.wait()
+""")
+
+
+async def _orphans(raw: Raw) -> tuple[list[Kid], list[int]]:
+    """Two children that leave a setsid'd grandchild behind and exit; returns the
+    children and the orphans' pids (each a session leader or in its own session)."""
+    kids = [raw.exec(["sh", "-c", "setsid sleep 100 </dev/null >/dev/null 2>&1 & echo $!"]),
+            raw.exec(["python3", "-c", _DOUBLE_FORK])]
+    for kid in kids:
+        raw.eof(kid.id)
+        await raw.finished(kid)
+        assert kid.exit is not None and kid.exit.code == 0
+    orphans = [int(k.output(1)) for k in kids]
+    return kids, orphans
+
+
+async def _adopted(agent: Spawned, pid: int) -> None:
+    def parent_is_agent() -> bool:
+        fields = stat_fields(pid)
+        return fields is not None and int(fields[1]) == agent.pid
+    await wait_until(parent_is_agent, 10, f"orphan {pid} to be re-parented to the agent")
+
+
+async def test_orphans_are_adopted_then_killed_at_teardown() -> None:
+    async with spawned("--grace", str(GRACE)) as agent:
+        raw = agent.raw
+        kids, orphans = await _orphans(raw)
+        for pid in orphans:
+            await _adopted(agent, pid)
+        # Each is alone in a session of its own (so not in any child's group).
+        for pid in orphans:
+            fields = stat_fields(pid)
+            assert fields is not None
+            assert session_members(int(fields[3])) == [pid]
+        # Closing the children does not touch the orphans (other sessions)...
+        for kid in kids:
+            raw.close(kid.id)
+            await raw.closed(kid)
+        assert all(not gone(p) for p in orphans)
+        # ...the agent's end does.
+        await raw.aclose_write()
+        with trio.fail_after(GRACE + SLACK):
+            assert await agent.process.wait() == 0
+        await wait_all_gone([*orphans, *(k.pid for k in kids)], [k.pid for k in kids], 2,
+                            "the orphans")
+
+
+async def test_orphans_are_killed_at_shutdown() -> None:
+    async with spawned("--grace", str(GRACE)) as agent:
+        raw = agent.raw
+        _, orphans = await _orphans(raw)
+        for pid in orphans:
+            await _adopted(agent, pid)
+        raw.send(Shutdown())
+        await raw.wait(lambda: raw.goodbye, GRACE + SLACK, "goodbye")
+        with trio.fail_after(SLACK):
+            assert await agent.process.wait() == 0
+        await wait_all_gone(orphans, [], 2, "the orphans")
+
+
+async def test_orphans_that_exit_are_reaped(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    async with spawned("--grace", str(GRACE)) as agent:
+        raw = agent.raw
+        kid = raw.exec(["sh", "-c", f"setsid sh -c 'read x < {fifo}' >/dev/null 2>&1 & echo $!"])
+        raw.eof(kid.id)
+        await raw.finished(kid)
+        orphan = int(kid.output(1))
+        await _adopted(agent, orphan)
+        with open(fifo, "w") as f:  # the orphan has it open for reading: does not block
+            f.write("go\n")
+        await wait_until(lambda: gone(orphan), 10, "the agent to reap the orphan")
+        raw.close(kid.id)
+        await raw.closed(kid)
+        assert children_of(agent.pid) == {}
+
+
+@pytest.mark.slow
+async def test_exit_statuses_stay_exact_while_orphans_come_and_go() -> None:
+    async with spawned("--grace", str(GRACE)) as agent:
+        raw = agent.raw
+        makers = [raw.exec(["sh", "-c", "for i in $(seq 150); do (true &); "
+                            "(sleep 0.01 &); done"]) for _ in range(3)]
+        results: dict[int, int] = {}
+        async with trio.open_nursery() as nursery:
+            limiter = trio.Semaphore(20)
+
+            async def one(i: int) -> None:
+                async with limiter:
+                    kid = raw.exec(["sh", "-c", f"exit {i % 250}"])
+                    raw.eof(kid.id)
+                    exit_frame = await raw.finished(kid, timeout=60)
+                    results[i] = exit_frame.code
+                    raw.close(kid.id)
+                    await raw.closed(kid, timeout=60)
+
+            for i in range(400):
+                nursery.start_soon(one, i)
+        assert results == {i: i % 250 for i in range(400)}
+        for maker in makers:
+            raw.eof(maker.id)
+            assert (await raw.finished(maker, timeout=60)).code == 0
+            raw.close(maker.id)
+            await raw.closed(maker)
+        # Every orphan was reaped by the agent: it has no child left at all.
+        await wait_until(lambda: children_of(agent.pid) == {}, 10, "no child of the agent")
+        assert not raw.errors

@@ -1,0 +1,396 @@
+"""The agent's data paths: many children at once, no head-of-line blocking, flow control
+(credit and bounded memory), exact ordering of output and exit, eof byte counts."""
+
+from __future__ import annotations
+
+import array
+import fcntl
+import hashlib
+import os
+import termios
+
+import pytest
+import trio
+from agent_harness import Kid, Raw, gone, group_any, inproc, spawned, stat_fields, wait_all_gone
+from conftest import rss_bytes, wait_until
+
+from protocol import DEFAULT_WINDOW
+
+# ---------------------------------------------------------------------------- basics
+
+async def test_eof_frames_carry_the_byte_counts_sent() -> None:
+    async with inproc() as (raw, _):
+        kid = await raw.run(["sh", "-c", "printf abc; printf 12345 >&2"])
+        assert kid.output(1) == b"abc" and kid.output(2) == b"12345"
+        assert kid.eof == {1: 3, 2: 5}
+        assert kid.exit is not None and kid.exit.code == 0 and kid.exit.sig is None
+
+        big = await raw.run(["head", "-c", "3000000", "/dev/zero"])
+        assert big.eof == {1: 3_000_000, 2: 0}
+        assert big.count[1] == 3_000_000 and big.nonzero[1] == 0
+
+
+async def test_stdin_of_a_child_that_stopped_reading() -> None:
+    async with inproc() as (raw, _):
+        kid = raw.exec(["head", "-c", "5"])
+        # More than the pipe holds: the writes fail with EPIPE once head is gone, and the
+        # agent keeps granting credit so we are told rather than blocked.
+        await raw.write(kid.id, 0, b"12345" + b"x" * (4 << 20))
+        error = await raw.error(kid, "write-failed")
+        assert (error.errno, error.ref) == ("EPIPE", "data")
+        assert len(kid.errors) == 1
+        raw.eof(kid.id)
+        await raw.finished(kid)
+        assert kid.output(1) == b"12345"
+        assert kid.exit is not None and kid.exit.code == 0
+
+
+async def test_stdin_reaches_the_child_and_eof_ends_it() -> None:
+    async with inproc() as (raw, _):
+        payload = os.urandom(3 << 20)  # several windows: needs credit from the agent
+        kid = await raw.run(["cat"], stdin=payload)
+        assert kid.output(1) == payload
+        assert kid.eof[1] == len(payload)
+
+
+async def test_extra_fd_channels_carry_data_both_ways_with_half_close() -> None:
+    async with inproc() as (raw, _):
+        kid = raw.exec(["sh", "-c", "echo out; cat <&3 >&4; echo done >&3"], fds=(3, 4))
+        payload = os.urandom(3 << 20)
+        await raw.write(kid.id, 3, payload)
+        raw.eof(kid.id, 3)  # cat sees the end of fd 3 while fd 3 stays open for writing
+        raw.eof(kid.id, 4)
+        raw.eof(kid.id)
+        await raw.finished(kid, chans=(1, 2, 3, 4))
+        assert kid.output(4) == payload and kid.output(3) == b"done\n"
+        assert kid.output(1) == b"out\n"
+        assert kid.eof == {1: 4, 2: 0, 3: 5, 4: len(payload)}
+        assert kid.exit is not None and kid.exit.code == 0
+
+
+# ---------------------------------------------------------------------------- scale
+
+@pytest.mark.slow
+async def test_a_thousand_concurrent_children_each_echo_their_payload() -> None:
+    count = 1000
+    async with spawned("--grace", "2") as agent:
+        raw = agent.raw
+        kids = [raw.exec(["cat"]) for _ in range(count)]
+        await raw.wait(lambda: all(k.started for k in kids), 60, "every child to start")
+        # All 1000 are alive at once: each cat waits for its stdin.
+        assert all(stat_fields(k.pid) is not None for k in kids)
+        payloads = {k.id: f"child {k.id} ".encode() * (k.id % 50 + 1) + os.urandom(64)
+                    for k in kids}
+        for k in kids:
+            raw.write_now(k.id, 0, payloads[k.id])
+            raw.eof(k.id)
+        await raw.wait(lambda: all(k.exit is not None and len(k.eof) == 2 for k in kids),
+                       60, "every child to finish")
+        for k in kids:
+            assert k.output(1) == payloads[k.id], k.id
+            assert k.output(2) == b""
+            assert k.eof == {1: len(payloads[k.id]), 2: 0}
+            assert k.exit is not None and k.exit.code == 0
+        for k in kids:
+            raw.close(k.id)
+        await raw.wait(lambda: all(k.closed for k in kids), 60, "every child to be closed")
+        assert not raw.errors
+
+
+# ---------------------------------------------------------------------------- head-of-line
+
+async def test_a_child_not_reading_stdin_does_not_block_others() -> None:
+    async with inproc() as (raw, _):
+        stuck = raw.exec(["sleep", "60"])
+        flowing = raw.exec(["cat"])
+        await raw.started(stuck)
+        await raw.started(flowing)
+        # Fill the stuck child's whole credit: the agent must buffer it without stalling.
+        credit = raw.conn.send_credit(stuck.id, 0)
+        assert credit == DEFAULT_WINDOW
+        raw.write_now(stuck.id, 0, b"x" * credit)
+        assert raw.conn.send_credit(stuck.id, 0) == 0
+        for i in range(20):
+            await raw.echo(flowing, f"round trip {i}\n".encode() * 100)
+        await raw.echo(flowing, os.urandom(1 << 20))
+        with trio.fail_after(5):
+            raw.signal(stuck.id, "TERM")
+            ack = await raw.ack(stuck)
+        assert ack.errno is None
+        assert (await raw.exited(stuck)).sig == "TERM"
+        await raw.echo(flowing, b"still flowing")
+        assert not raw.errors
+
+
+async def test_a_child_whose_output_is_not_consumed_does_not_block_others() -> None:
+    async with inproc() as (raw, _):
+        flood = raw.exec(["head", "-c", "100000000", "/dev/zero"], hold=True, keep=False)
+        quiet = raw.exec(["sh", "-c", "while read line; do echo \"got $line\"; done"])
+        await raw.started(flood)
+        await raw.started(quiet)
+        await raw.wait(lambda: flood.count.get(1, 0) == DEFAULT_WINDOW, 10,
+                       "the flood to use its whole window")
+        for i in range(20):
+            expected = quiet.output(1) + f"got line {i}\n".encode()
+            await raw.write(quiet.id, 0, f"line {i}\n".encode())
+            await raw.output_is(quiet, expected)
+        with trio.fail_after(5):
+            raw.signal(flood.id, "KILL")
+            ack = await raw.ack(flood)
+        assert ack.errno is None
+        # Never more than the credit: the connection would have raised otherwise.
+        assert flood.count[1] == DEFAULT_WINDOW
+        # The exit follows what the child wrote before it died, so it needs credit.
+        assert flood.exit is None
+        flood.hold = False
+        raw.grant(flood.id, 1, DEFAULT_WINDOW)
+        assert (await raw.finished(flood)).sig == "KILL"
+        assert flood.at_exit == {1: flood.eof[1], 2: 0}
+        assert not raw.errors
+
+
+# ---------------------------------------------------------------------------- flow control
+
+async def test_the_agent_sends_exactly_the_credit_granted() -> None:
+    window = 1000
+    async with inproc(window=window) as (raw, _):
+        kid = raw.exec(["head", "-c", "20000", "/dev/zero"], hold=True, keep=False)
+        await raw.wait(lambda: kid.count.get(1, 0) == window, 10, "the first window")
+        granted = window
+        for step in (1, 7, 992, 3000, 15000):
+            granted += step
+            raw.grant(kid.id, 1, step)
+            await raw.count_is(kid, granted)
+        # Now 20000 granted: everything, and then eof (whose n the connection checks).
+        await raw.finished(kid)
+        assert kid.eof[1] == 20000
+        assert kid.exit is not None and kid.exit.code == 0
+
+
+_F_GETPIPE_SZ = 1032  # Linux; not in Python 3.11's fcntl module
+
+
+def _fionread(fd: int) -> int:
+    buf = array.array("i", [0])
+    fcntl.ioctl(fd, termios.FIONREAD, buf, True)
+    return buf[0]
+
+
+# 1 GiB of 1 MiB blocks, each starting with its number: cheap to generate, and any
+# loss, duplication or reordering changes the digest.
+_GENERATOR = (
+    "import sys\n"
+    "base = bytes(range(256)) * 4096\n"
+    "for i in range(1024):\n"
+    "    sys.stdout.buffer.write(i.to_bytes(8, 'big') + base[8:])\n"
+)
+
+
+def _expected_digest() -> str:
+    base = bytes(range(256)) * 4096
+    digest = hashlib.sha256()
+    for i in range(1024):
+        digest.update(i.to_bytes(8, "big") + base[8:])
+    return digest.hexdigest()
+
+
+@pytest.mark.slow
+async def test_memory_stays_bounded_while_the_controller_reads_nothing() -> None:
+    size = 1 << 30
+    limit = 100 << 20
+    async with spawned("--grace", "2") as agent:
+        raw = agent.raw
+        digest = hashlib.sha256()
+        kid = raw.exec(["python3", "-c", _GENERATOR], keep=False,
+                       sink=lambda ch, data: digest.update(data))
+        await raw.started(kid)
+        # Plenty of credit, so only the pipe to us can hold the agent back.
+        extra = 64 << 20
+        raw.hold_all = True
+        raw.grant(kid.id, 1, extra)
+        await raw.flush()
+        raw.pause_reading()
+
+        # 1. We read nothing at all: the agent's writes fill the pipe to us, then stop.
+        fd = raw.receive_stream.fileno()  # type: ignore[attr-defined]
+        capacity = fcntl.fcntl(fd, _F_GETPIPE_SZ)
+        # (A pipe never reports exactly its capacity: partly filled pages.)
+        await wait_until(lambda: _fionread(fd) >= capacity // 2 and _blocked_writing(kid.pid),
+                         20, "the pipe to us to fill and the child to block")
+        await _watch_rss(agent.pid, limit, 2.0)
+        assert kid.count[1] < DEFAULT_WINDOW + extra
+
+        # 2. We read but grant no more credit: exactly the credit arrives, then nothing.
+        raw.resume_reading()
+        await raw.wait(lambda: kid.count[1] == DEFAULT_WINDOW + extra, 20, "all credit")
+        await wait_until(lambda: _blocked_writing(kid.pid), 20, "the child to block")
+        await _watch_rss(agent.pid, limit, 2.0)
+        assert kid.count[1] == DEFAULT_WINDOW + extra
+
+        # 3. Read everything.
+        raw.hold_all = False
+        raw.grant(kid.id, 1, DEFAULT_WINDOW)
+        await raw.finished(kid, timeout=100)
+        assert kid.eof[1] == size and kid.count[1] == size
+        assert digest.hexdigest() == _expected_digest()
+        assert kid.exit is not None and kid.exit.code == 0
+        assert rss_bytes(agent.pid) < limit
+
+
+def _blocked_writing(pid: int) -> bool:
+    fields = stat_fields(pid)
+    if fields is None or fields[0] != "S":
+        return False
+    try:
+        with open(f"/proc/{pid}/wchan") as f:
+            return "pipe" in f.read()
+    except OSError:
+        return False
+
+
+async def _watch_rss(pid: int, limit: int, seconds: float) -> None:
+    """Sample the agent's RSS for a while: every sample must stay below ``limit``."""
+    peak = 0
+    with trio.move_on_after(seconds):
+        while True:
+            peak = max(peak, rss_bytes(pid))
+            assert peak < limit, f"agent RSS {peak >> 20} MiB"
+            await trio.sleep(0.05)
+
+
+# ---------------------------------------------------------------------------- exit ordering
+
+@pytest.mark.parametrize("window", [DEFAULT_WINDOW, 65536])
+async def test_every_byte_arrives_before_exit(window: int) -> None:
+    reps = 200 if window == DEFAULT_WINDOW else 50
+    script = ("head -c 300000 /dev/zero; printf tail; "
+              "head -c 300000 /dev/zero >&2; printf tail >&2")
+    async with inproc(window=window) as (raw, _):
+        done = 0
+        async with trio.open_nursery() as nursery:
+            limiter = trio.Semaphore(16)
+
+            async def one() -> None:
+                nonlocal done
+                async with limiter:
+                    kid = raw.exec(["sh", "-c", script], keep=False)
+                    raw.eof(kid.id)
+                    exit_frame = await raw.exited(kid)
+                    assert exit_frame.code == 0
+                    assert kid.at_exit == {1: 300004, 2: 300004}, (kid.id, kid.at_exit)
+                    await raw.finished(kid)
+                    assert kid.eof == {1: 300004, 2: 300004}
+                    raw.close(kid.id)
+                    await raw.closed(kid)
+                    done += 1
+
+            for _ in range(reps):
+                nursery.start_soon(one)
+        assert done == reps
+
+
+async def test_the_tail_is_exact_before_exit() -> None:
+    async with inproc() as (raw, _):
+        for _ in range(20):
+            kid = raw.exec(["sh", "-c", "head -c 300000 /dev/zero; printf tail"])
+            raw.eof(kid.id)
+            await raw.exited(kid)
+            assert kid.at_exit is not None and kid.at_exit.get(1) == 300004
+            assert kid.output(1)[-4:] == b"tail"
+            assert kid.nonzero[1] == 4
+            raw.close(kid.id)
+            await raw.closed(kid)
+
+
+async def _holder(raw: Raw, script: str) -> Kid:
+    kid = raw.exec(["sh", "-c", script])
+    with trio.fail_after(10):
+        await raw.exited(kid)
+    return kid
+
+
+async def test_background_holder_does_not_delay_exit() -> None:
+    async with spawned("--grace", "2") as agent:
+        raw = agent.raw
+        kid = await _holder(raw, "echo hi; sleep 100 &")
+        assert kid.at_exit == {1: 3, 2: 0} and kid.output(1) == b"hi\n"
+        assert kid.exit is not None and kid.exit.code == 0
+        assert 1 not in kid.eof  # sleep still holds stdout
+        holders = [p for p in group_any(kid.pid) if p != kid.pid]
+        assert len(holders) == 1
+        raw.close(kid.id)
+        await raw.closed(kid)
+        await wait_all_gone([kid.pid, *holders], [kid.pid], 5, "the holder after close")
+
+
+async def test_channels_of_a_background_holder_keep_streaming_after_exit() -> None:
+    async with spawned("--grace", "2") as agent:
+        raw = agent.raw
+        # The background cat keeps the child's stdin and stdout; sh exits at once.
+        kid = await _holder(raw, "exec 3<&0; echo hi; cat <&3 3<&- &")
+        assert kid.at_exit == {1: 3, 2: 0}
+        for i in range(5):
+            await raw.echo(kid, f"after exit {i}\n".encode())
+        assert kid.output(1) == b"hi\n" + b"".join(f"after exit {i}\n".encode()
+                                                    for i in range(5))
+        members = group_any(kid.pid)
+        assert len(members) == 2  # sh (a zombie until close) and cat
+        raw.close(kid.id)
+        await raw.closed(kid)
+        await wait_all_gone(members, [kid.pid], 5, "the holder after close")
+        assert not raw.errors
+
+
+async def test_background_holder_eof_follows_when_it_ends() -> None:
+    async with spawned("--grace", "2") as agent:
+        raw = agent.raw
+        kid = await _holder(raw, "exec 3<&0; echo hi; cat <&3 3<&- &")
+        await raw.echo(kid, b"last words\n")
+        raw.eof(kid.id)  # cat sees EOF, exits, and so the channels end
+        await raw.finished(kid)
+        assert kid.eof == {1: len(b"hi\nlast words\n"), 2: 0}
+        raw.close(kid.id)
+        await raw.closed(kid)
+
+
+# ---------------------------------------------------------------------------- close
+
+async def test_close_during_a_flood_sends_nothing_after_closed() -> None:
+    async with inproc() as (raw, _):
+        for _ in range(30):
+            kid = raw.exec(["head", "-c", "1000000000", "/dev/zero"], keep=False)
+            await raw.wait(lambda: kid.count[1] > (4 << 20), 10, "the flood")  # noqa: B023
+            raw.close(kid.id)
+            # Anything about the child after closed would make our connection raise.
+            await raw.closed(kid)
+            # The agent sends SIGKILL before any of the child's pipes can close.
+            assert kid.exit is not None and kid.exit.sig == "KILL"
+        echo = await raw.run(["echo", "after"])
+        assert echo.output(1) == b"after\n"
+        assert not raw.errors
+
+
+async def test_close_while_the_writer_is_blocked_sends_nothing_after_closed() -> None:
+    async with spawned() as agent:
+        raw = agent.raw
+        fd = raw.receive_stream.fileno()  # type: ignore[attr-defined]
+        for _ in range(5):
+            # Several floods: more data queued in the agent than one write takes.
+            kids = [raw.exec(["head", "-c", "1000000000", "/dev/zero"], keep=False)
+                    for _ in range(4)]
+            await raw.wait(lambda: all(k.count[1] > (4 << 20) for k in kids),  # noqa: B023
+                           10, "the floods")
+            # Stop reading: the agent's writer blocks with the children's data queued.
+            raw.pause_reading()
+            await wait_until(lambda: _fionread(fd) > (512 << 10), 10, "the pipe to fill")
+            for kid in kids:
+                raw.close(kid.id)
+            await raw.flush()
+            # The agent reaps a closed child just before it queues closed.
+            await wait_until(lambda: all(gone(k.pid) for k in kids), 10,  # noqa: B023
+                             "the children to be reaped")
+            raw.resume_reading()
+            for kid in kids:
+                await raw.closed(kid)
+                assert kid.exit is not None and kid.exit.sig == "KILL"
+        assert not raw.errors
