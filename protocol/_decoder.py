@@ -24,10 +24,11 @@ class FrameDecoder:
     checked from the 4-byte header before any body byte is needed) plus whatever one
     ``feed`` call added. Call :meth:`next_frame` until it returns None before feeding more.
 
-    Errors: a stream that cannot be split or unpacked raises a fatal
-    :class:`RemoteProtocolError`; after that the decoder must not be used again. A frame
-    that unpacks to a well-formed map with bad content raises a non-fatal one; the frame
-    has been consumed and decoding continues with the next frame.
+    Errors: a stream that cannot be split or unpacked (including a map with non-string
+    keys, refused while unpacking) raises a fatal :class:`RemoteProtocolError`; after that
+    the decoder must not be used again. A frame that unpacks to a map with string keys
+    but bad content raises a non-fatal one; the frame has been consumed and decoding
+    continues with the next frame.
     """
 
     def __init__(self, max_frame_size: int) -> None:
@@ -80,10 +81,12 @@ class FrameDecoder:
                     body_view, raw=False, unicode_errors="surrogateescape"
                 )
             except Exception as exc:  # msgpack raises many types for bad input
+                # Map keys other than strings are refused here (strict_map_key): a map of
+                # colliding integer keys would make decoding quadratic.
                 raise RemoteProtocolError(
                     ErrorKind.MALFORMED,
-                    f"frame body ({length} bytes) is not one msgpack value: "
-                    f"{type(exc).__name__} {exc}".rstrip(),
+                    f"frame body ({length} bytes) is not one msgpack value with string "
+                    f"map keys: {type(exc).__name__} {exc}".rstrip(),
                     fatal=True,
                 ) from None
             finally:
