@@ -6,6 +6,7 @@ import array
 import contextlib
 import errno
 import fcntl
+import itertools
 import os
 import socket
 import termios
@@ -229,8 +230,15 @@ class InPump:
         if self._broken or self.endpoint.closed:
             self._grant(len(frame.data))
         elif frame.data:
+            idle = not self._chunks  # the task is parked, not in the middle of a write
             self._chunks.append(memoryview(frame.data))
-            self._wakeup.unpark_all()
+            if idle:
+                # Write from the reader right away: an interactive byte reaches the child
+                # without waiting for the pump task's turn. Errors are the task's to report.
+                with contextlib.suppress(OSError):
+                    self._write_some()
+            if self._chunks or self._broken:
+                self._wakeup.unpark_all()
 
     def feed_eof(self) -> None:
         self._eof = True
@@ -244,7 +252,6 @@ class InPump:
             self._consumed = 0
 
     async def run(self) -> None:
-        fd = self.endpoint.fd
         try:
             while not self._broken:
                 if not self._chunks:
@@ -252,22 +259,28 @@ class InPump:
                         break
                     await self._wakeup.park()
                     continue
-                await trio.lowlevel.wait_writable(fd)
-                batch = list(self._chunks)[:64]
-                try:
-                    written = os.writev(fd, batch)
-                except BlockingIOError:
-                    continue
-                except OSError as exc:
-                    if exc.errno not in (errno.EPIPE, errno.ECONNRESET):
-                        raise
-                    self._fail(exc)
-                    break
-                self._consume(written)
+                if not self._write_some():
+                    await trio.lowlevel.wait_writable(self.endpoint.fd)
         except trio.ClosedResourceError:
             pass
         finally:
             self.endpoint.done(socket.SHUT_WR)
+
+    def _write_some(self) -> bool:
+        """One non-blocking write of the queued chunks; False when the pipe is full.
+
+        EPIPE (the child's end is gone) marks the channel broken; other errors raise."""
+        try:
+            written = os.writev(self.endpoint.fd, list(itertools.islice(self._chunks, 64)))
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            if exc.errno not in (errno.EPIPE, errno.ECONNRESET):
+                raise
+            self._fail(exc)
+            return True
+        self._consume(written)
+        return True
 
     def _consume(self, written: int) -> None:
         self._grant(written)

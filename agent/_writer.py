@@ -1,4 +1,7 @@
-"""The agent's single writer: control frames first, data round-robin, batched writev."""
+"""The single writer of a connection: control frames first, data in order, batched writev.
+
+Used by the agent and by the controller.
+"""
 
 from __future__ import annotations
 
@@ -37,6 +40,10 @@ class FrameWriter:
     caller's ``on_written`` runs once an item's bytes are handed to the kernel, which is
     how a child's supervisor knows its output is out before it sends exit.
 
+    Latency: when nothing is queued or being written, a frame is written at once from
+    the caller (a non-blocking ``try_send``), saving the round trip through the writer
+    task; whatever does not fit is queued, its unwritten rest ahead of everything else.
+
     Memory: control frames are small and produced in response to input; data items are
     bounded by the callers (each pump has a bounded number in flight).
     """
@@ -47,6 +54,8 @@ class FrameWriter:
         self._data: deque[_DataItem] = deque()
         self._wakeup = trio.Event()
         self._closed = False
+        self._busy = False  # run() is inside a transport write
+        self._partial: _DataItem | None = None  # the unwritten rest of a frame: goes first
         self._written = trio.lowlevel.ParkingLot()
         self.broken: BaseException | None = None
 
@@ -61,7 +70,7 @@ class FrameWriter:
 
     def send_control(self, frame_bytes: bytes) -> None:
         """Queue an encoded control frame. Never blocks."""
-        if frame_bytes and not self._closed:
+        if frame_bytes and not self._closed and not self._write_now((frame_bytes,), None):
             self._control.append(frame_bytes)
             self._wakeup.set()
 
@@ -69,10 +78,29 @@ class FrameWriter:
         self, *buffers: Buffer, on_written: Callable[[], None] | None = None
     ) -> None:
         """Queue a data or eof frame (header and payload buffers). Never blocks."""
-        if self._closed:
-            return
-        self._data.append(_DataItem(buffers, on_written))
-        self._wakeup.set()
+        if not self._closed and not self._write_now(buffers, on_written):
+            self._data.append(_DataItem(buffers, on_written))
+            self._wakeup.set()
+
+    def _write_now(
+        self, buffers: tuple[Buffer, ...], on_written: Callable[[], None] | None
+    ) -> bool:
+        """Write at once when the writer is idle; False when the caller must queue it all.
+
+        A partly written frame is kept in ``_partial``, to be finished before any other
+        frame: bytes of two frames must never interleave."""
+        if self._busy or self._partial is not None or self._control or self._data:
+            return False
+        written = self._transport.try_send(buffers)
+        if not written:
+            return False
+        rest = _after(buffers, written)
+        if rest:
+            self._partial = _DataItem(tuple(rest), on_written)
+            self._wakeup.set()
+        elif on_written is not None:
+            on_written()
+        return True
 
     def close(self) -> None:
         """Stop accepting frames; ``run`` returns once what was queued is written."""
@@ -84,22 +112,31 @@ class FrameWriter:
         (also kept in ``broken``); on cancellation, unwritten frames are dropped."""
         try:
             while True:
-                if not self._control and not self._data:
+                if not self._control and not self._data and self._partial is None:
                     if self._closed:
                         return
                     self._wakeup = trio.Event()
                     await self._wakeup.wait()
                     continue
-                buffers: list[Buffer] = list(self._control)
-                self._control.clear()
                 batch: list[_DataItem] = []
+                buffers: list[Buffer] = []
+                if self._partial is not None:
+                    batch.append(self._partial)
+                    buffers.extend(self._partial.buffers)
+                    self._partial = None
+                buffers.extend(self._control)
+                self._control.clear()
                 size = 0
                 while self._data and size < _BATCH_BYTES and len(batch) < _BATCH_ITEMS:
                     item = self._data.popleft()
                     batch.append(item)
                     buffers.extend(item.buffers)
                     size += item.size
-                await self._transport.send_all(buffers)
+                self._busy = True
+                try:
+                    await self._transport.send_all(buffers)
+                finally:
+                    self._busy = False
                 for item in batch:
                     if item.on_written is not None:
                         item.on_written()
@@ -110,3 +147,15 @@ class FrameWriter:
             raise
         finally:
             self._written.unpark_all()
+
+
+def _after(buffers: tuple[Buffer, ...], written: int) -> list[memoryview]:
+    """What is left of ``buffers`` once their first ``written`` bytes are gone."""
+    rest: list[memoryview] = []
+    for buffer in buffers:
+        if written >= len(buffer):
+            written -= len(buffer)
+        else:
+            rest.append(memoryview(buffer)[written:])
+            written = 0
+    return rest

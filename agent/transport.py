@@ -45,6 +45,12 @@ class Transport(Protocol):
         peer is gone (EPIPE, ECONNRESET); on cancellation some prefix may have been sent."""
         ...
 
+    def try_send(self, buffers: Sequence[Buffer]) -> int:
+        """Write what the transport takes right now without blocking; bytes written
+        (0 when it would block, or cannot write synchronously). Errors are left for
+        ``send_all`` to report."""
+        ...
+
     async def aclose(self) -> None:
         """Release the transport. Idempotent."""
         ...
@@ -112,6 +118,14 @@ class FdTransport:
         if not waited:
             await trio.lowlevel.cancel_shielded_checkpoint()
 
+    def try_send(self, buffers: Sequence[Buffer]) -> int:
+        if self._closed:
+            return 0
+        try:
+            return os.writev(self._write_fd, buffers[:_IOV_MAX])
+        except OSError:  # EAGAIN, or an error send_all will meet and report
+            return 0
+
     async def aclose(self) -> None:
         if self._closed:
             return
@@ -141,6 +155,9 @@ class StreamTransport:
 
     async def send_all(self, buffers: Sequence[Buffer]) -> None:
         await self._send_stream.send_all(b"".join(buffers))
+
+    def try_send(self, buffers: Sequence[Buffer]) -> int:
+        return 0  # trio streams have no synchronous send
 
     async def aclose(self) -> None:
         await self._send_stream.aclose()

@@ -131,14 +131,17 @@ class _Incoming:
         self._busy = True
         try:
             await trio.lowlevel.checkpoint_if_cancelled()
+            parked = False  # a park is a full checkpoint: no second yield needed
             while not self._chunks:
                 if self.eof:
-                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    if not parked:
+                        await trio.lowlevel.cancel_shielded_checkpoint()
                     return b""
                 if self.discard:
                     raise trio.ClosedResourceError("the stream was closed")
                 self._agent.raise_if_lost()
                 await self._lot.park()
+                parked = True
             head = self._chunks[0]
             if max_bytes is None or max_bytes >= len(head):
                 self._chunks.popleft()
@@ -147,7 +150,8 @@ class _Incoming:
                 result = head[:max_bytes]
                 self._chunks[0] = head[max_bytes:]
             self._grant(len(result))
-            await trio.lowlevel.cancel_shielded_checkpoint()
+            if not parked:
+                await trio.lowlevel.cancel_shielded_checkpoint()
             return result
         finally:
             self._busy = False
