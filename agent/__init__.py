@@ -6,6 +6,8 @@ Public API:
   connection ends; every child is killed and reaped before it returns.
 - :mod:`agent.transport` — :class:`FdTransport` (pipes, sockets, stdio) and
   :class:`StreamTransport` (trio streams, e.g. in-memory for tests).
+- :mod:`agent.wire` — frames over a transport (``FrameWriter``, ``receive_frames``),
+  shared with the controller.
 
 The command line (``mproxy-agent``, ``python -m agent``) is in ``agent._cli``.
 """

@@ -16,10 +16,8 @@ import trio
 
 import childproc
 from protocol import (
-    CONNECTION_CLOSED,
     DEFAULT_MAX_FRAME,
     DEFAULT_WINDOW,
-    NEED_DATA,
     Close,
     Closed,
     Config,
@@ -56,8 +54,8 @@ from ._process import (
     wait_for_exit,
 )
 from ._pumps import Endpoint, InPump, OutPump
-from ._writer import FrameWriter
 from .transport import Transport, enlarge_pipe
+from .wire import FrameWriter, receive_frames
 
 __all__ = ["Agent"]
 
@@ -270,34 +268,26 @@ class Agent:
             self._writer_done.set()
 
     async def _read_loop(self) -> None:
-        while True:
-            try:
-                data = await self.transport.receive()
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                self.stop(f"reading from the controller failed: {exc}")
-                return
-            self.conn.receive_data(data)
-            while True:
-                try:
-                    event = self.conn.next_event()
-                except RemoteProtocolError as exc:
-                    self.send(Error.from_exception(exc))
-                    if exc.fatal:
-                        self.log("error", "protocol error, closing", kind=exc.kind,
-                                 detail=exc.message)
-                        self.stop(f"protocol error: {exc.message}", status=1)
-                        return
-                    self.log("warning", "rejected a frame", kind=exc.kind, detail=exc.message)
-                    continue
-                if event is NEED_DATA:
-                    break
-                if event is CONNECTION_CLOSED:
-                    self.stop("the controller closed the connection (EOF)")
-                    return
-                assert isinstance(event, Frame)
-                self._dispatch(event)
-            while self.writer.queued_control > _MAX_QUEUED_CONTROL:
-                await self.writer.wait_written()
+        try:
+            async with contextlib.aclosing(receive_frames(self.transport, self.conn)) as frames:
+                async for event in frames:
+                    if isinstance(event, RemoteProtocolError):
+                        self.send(Error.from_exception(event))
+                        if event.fatal:
+                            self.log("error", "protocol error, closing", kind=event.kind,
+                                     detail=event.message)
+                            self.stop(f"protocol error: {event.message}", status=1)
+                            return
+                        self.log("warning", "rejected a frame", kind=event.kind,
+                                 detail=event.message)
+                        continue
+                    self._dispatch(event)
+                    while self.writer.queued_control > _MAX_QUEUED_CONTROL:
+                        await self.writer.wait_written()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.stop(f"reading from the controller failed: {exc}")
+            return
+        self.stop("the controller closed the connection (EOF)")
 
     # ------------------------------------------------------------------ frames
 

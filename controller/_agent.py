@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -14,12 +15,10 @@ from typing import Final
 import trio
 
 from agent import __version__
-from agent._writer import FrameWriter
 from agent.transport import FdTransport, StreamTransport, Transport, enlarge_pipe
+from agent.wire import FrameWriter, receive_frames
 from protocol import (
-    CONNECTION_CLOSED,
     DEFAULT_MAX_FRAME,
-    NEED_DATA,
     Closed,
     Config,
     Connection,
@@ -115,32 +114,22 @@ class Agent:
             self._lose(f"writing to the agent failed: {exc}")
 
     async def _read_loop(self) -> None:
-        while True:
-            try:
-                data = await self.transport.receive()
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                self._lose(f"reading from the agent failed: {exc}")
-                return
-            self.conn.receive_data(data)
-            while True:
-                try:
-                    event = self.conn.next_event()
-                except RemoteProtocolError as exc:
-                    agent_logger.error(  # noqa: TRY400 (the peer's fault: no traceback)
-                        "protocol error from the agent: %s", exc.message)
-                    self.writer.send_control(self.conn.send(Error.from_exception(exc)))
-                    if exc.fatal:
-                        self._lose(f"the agent broke the protocol: {exc.message}")
-                        return
-                    continue
-                if event is NEED_DATA:
-                    break
-                if event is CONNECTION_CLOSED:
-                    if not self._goodbye.is_set():
-                        self._lose("the agent closed the connection without goodbye")
-                    return
-                assert isinstance(event, Frame)
-                self._dispatch(event)
+        try:
+            async with contextlib.aclosing(receive_frames(self.transport, self.conn)) as frames:
+                async for event in frames:
+                    if isinstance(event, RemoteProtocolError):
+                        agent_logger.error("protocol error from the agent: %s", event.message)
+                        self.writer.send_control(self.conn.send(Error.from_exception(event)))
+                        if event.fatal:
+                            self._lose(f"the agent broke the protocol: {event.message}")
+                            return
+                        continue
+                    self._dispatch(event)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._lose(f"reading from the agent failed: {exc}")
+            return
+        if not self._goodbye.is_set():
+            self._lose("the agent closed the connection without goodbye")
 
     def _dispatch(self, frame: Frame) -> None:
         if isinstance(frame, Data):

@@ -1,19 +1,22 @@
-"""The single writer of a connection: control frames first, data in order, batched writev.
+"""Frames over a transport, for both ends of a connection (the agent and the controller).
 
-Used by the agent and by the controller.
+:class:`FrameWriter` is a connection's single writer: control frames first, data in order,
+batched ``writev``. :func:`receive_frames` turns what the transport delivers into frames.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Final
 
 import trio
 
+from protocol import CONNECTION_CLOSED, NEED_DATA, Connection, Frame, RemoteProtocolError
+
 from .transport import Buffer, Transport
 
-__all__ = ["FrameWriter"]
+__all__ = ["FrameWriter", "receive_frames"]
 
 # One writev carries at most this many bytes of data frames (control frames always go):
 # large enough to amortise the syscall, small enough that a control frame or another
@@ -159,3 +162,31 @@ def _after(buffers: tuple[Buffer, ...], written: int) -> list[memoryview]:
             rest.append(memoryview(buffer)[written:])
             written = 0
     return rest
+
+
+async def receive_frames(
+    transport: Transport, conn: Connection
+) -> AsyncGenerator[Frame | RemoteProtocolError, None]:
+    """Each frame from the peer as it arrives, and each protocol error in its place.
+
+    After a non-fatal :class:`RemoteProtocolError` reading goes on; after a fatal one, or
+    at a clean end of the stream, the iteration ends. Raises
+    :class:`trio.BrokenResourceError` (or ClosedResourceError) when the transport fails.
+    Use it inside ``contextlib.aclosing`` when the loop may be left early.
+    """
+    while True:
+        conn.receive_data(await transport.receive())
+        while True:
+            try:
+                event = conn.next_event()
+            except RemoteProtocolError as exc:
+                yield exc
+                if exc.fatal:
+                    return
+                continue
+            if event is NEED_DATA:
+                break
+            if event is CONNECTION_CLOSED:
+                return
+            assert isinstance(event, Frame)
+            yield event
