@@ -28,8 +28,9 @@ READ_CHUNK: Final = 1 << 18
 # Frames a pump may have queued in the writer but not yet written: lets the next read
 # overlap the previous write without letting one channel hog the writer's queue.
 _MAX_IN_FLIGHT: Final = 2
-# Largest single write into a child: bounds the time one write takes.
-_WRITE_CHUNK: Final = 1 << 20
+# Output at least this large is spliced rather than read; at most this much per frame.
+_SPLICE_MIN: Final = 1 << 16
+_SPLICE_CHUNK: Final = 1 << 20
 
 
 def fionread(fd: int) -> int:
@@ -98,6 +99,11 @@ class OutPump:
         self.dropped = False  # read output was discarded (the child was closed)
         self._in_flight = 0
         self._progress = trio.lowlevel.ParkingLot()
+        # Bulk output of a pipe is spliced to the controller (Linux): the kernel moves the
+        # pages, the agent never copies them. At most one splice at a time: its bytes are
+        # still in the pipe, so nothing else may read the pipe until it is done.
+        self._can_splice = agent.transport.can_splice and ch in (1, 2)
+        self._splicing = 0
 
     async def run(self) -> None:
         agent, child, conn = self._agent, self._child, self._agent.conn
@@ -105,16 +111,18 @@ class OutPump:
         try:
             while True:
                 credit = conn.send_credit(child.id, self.ch)
-                if credit == 0 or self._in_flight >= _MAX_IN_FLIGHT:
+                if credit == 0 or self._in_flight >= _MAX_IN_FLIGHT or self._splicing:
                     if not conn.can_send(child.id, self.ch):
                         return  # the controller closed the child
-                    if credit:
+                    if credit or self._splicing:
                         await self._progress.park()
                     elif await self._ends_before_credit(fd):
                         break  # eof carries no data: it needs no credit
                     continue
                 # Wait for output before taking budget: an idle child must hold none.
                 await trio.lowlevel.wait_readable(fd)
+                if self._can_splice and self._splice(credit):
+                    continue
                 size = min(credit, READ_CHUNK, conn.max_data_payload)
                 await agent.output_budget.acquire(size)
                 try:
@@ -148,6 +156,28 @@ class OutPump:
             self._progress.unpark_all()
             self.endpoint.done(socket.SHUT_RD)
             child.pump_finished()
+
+    def _splice(self, credit: int) -> bool:
+        """Queue a splice of what the pipe holds, if that is bulk; False to read instead."""
+        conn, child = self._agent.conn, self._child
+        waiting = fionread(self.endpoint.fd)
+        if waiting < _SPLICE_MIN:
+            return False  # small output (or eof): a read is cheaper and sees eof
+        size = min(waiting, credit, _SPLICE_CHUNK, conn.max_data_payload)
+        header = conn.send_data_header(child.id, self.ch, size)
+        if not header:  # the controller closed the child
+            self.dropped = True
+            raise trio.ClosedResourceError("the child was closed")
+        self.read_total += size
+        self._splicing = size
+
+        def spliced() -> None:
+            self._splicing = 0
+            self.written_total += size
+            self._progress.unpark_all()
+
+        self._agent.writer.send_splice(header, self.endpoint.fd, size, on_written=spliced)
+        return True
 
     async def _ends_before_credit(self, fd: int) -> bool:
         """Wait for credit, or for the child's end to close with nothing left unread
@@ -193,7 +223,8 @@ class OutPump:
         if self.finished or self.endpoint.closed:
             return self.read_total
         try:
-            return self.read_total + fionread(self.endpoint.fd)
+            # Bytes being spliced are in read_total and still in the pipe: count them once.
+            return self.read_total + fionread(self.endpoint.fd) - self._splicing
         except OSError:
             return self.read_total
 

@@ -51,6 +51,14 @@ class Transport(Protocol):
         ``send_all`` to report."""
         ...
 
+    #: Whether :meth:`splice_from` works (the kernel moves pipe pages, no copy).
+    can_splice: bool
+
+    async def splice_from(self, pipe_fd: int, size: int) -> None:
+        """Move exactly ``size`` bytes, which must already wait in the pipe ``pipe_fd``,
+        to the peer. Raises BrokenResourceError when the peer is gone."""
+        ...
+
     async def aclose(self) -> None:
         """Release the transport. Idempotent."""
         ...
@@ -71,6 +79,7 @@ class FdTransport:
         for fd in {read_fd, write_fd}:
             _make_nonblocking(fd)
         self._closed = False
+        self.can_splice = hasattr(os, "splice")
 
     async def receive(self) -> bytes:
         if self._closed:
@@ -118,6 +127,23 @@ class FdTransport:
         if not waited:
             await trio.lowlevel.cancel_shielded_checkpoint()
 
+    async def splice_from(self, pipe_fd: int, size: int) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("transport is closed")
+        while size:
+            try:
+                moved = os.splice(pipe_fd, self._write_fd, size,
+                                  flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
+            except BlockingIOError:  # the source holds the bytes: our side is full
+                await trio.lowlevel.wait_writable(self._write_fd)
+                continue
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                raise trio.BrokenResourceError(f"the peer is gone: {exc}") from exc
+            if moved == 0:
+                raise RuntimeError(f"pipe {pipe_fd} ended before the {size} bytes announced")
+            size -= moved
+        await trio.lowlevel.checkpoint()
+
     def try_send(self, buffers: Sequence[Buffer]) -> int:
         if self._closed:
             return 0
@@ -158,6 +184,11 @@ class StreamTransport:
 
     def try_send(self, buffers: Sequence[Buffer]) -> int:
         return 0  # trio streams have no synchronous send
+
+    can_splice = False
+
+    async def splice_from(self, pipe_fd: int, size: int) -> None:
+        raise NotImplementedError("trio streams cannot splice")
 
     async def aclose(self) -> None:
         await self._send_stream.aclose()

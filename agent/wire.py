@@ -6,6 +6,7 @@ batched ``writev``. :func:`receive_frames` turns what the transport delivers int
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import AsyncGenerator, Callable
 from typing import Final
@@ -26,12 +27,28 @@ _BATCH_ITEMS: Final = 256
 
 
 class _DataItem:
-    __slots__ = ("buffers", "on_written", "size")
+    """Buffers to write, then optionally ``splice_size`` bytes moved from a pipe (whose
+    fd the item owns: a dup, so the child's end may be closed meanwhile)."""
 
-    def __init__(self, buffers: tuple[Buffer, ...], on_written: Callable[[], None] | None):
+    __slots__ = ("buffers", "on_written", "size", "splice_fd", "splice_size")
+
+    def __init__(
+        self,
+        buffers: tuple[Buffer, ...],
+        on_written: Callable[[], None] | None,
+        splice_fd: int | None = None,
+        splice_size: int = 0,
+    ) -> None:
         self.buffers = buffers
-        self.size = sum(len(b) for b in buffers)
+        self.size = sum(len(b) for b in buffers) + splice_size
         self.on_written = on_written
+        self.splice_fd = splice_fd
+        self.splice_size = splice_size
+
+    def discard(self) -> None:
+        if self.splice_fd is not None:
+            os.close(self.splice_fd)
+            self.splice_fd = None
 
 
 class FrameWriter:
@@ -85,6 +102,17 @@ class FrameWriter:
             self._data.append(_DataItem(buffers, on_written))
             self._wakeup.set()
 
+    def send_splice(
+        self, header: bytes, pipe_fd: int, size: int, on_written: Callable[[], None]
+    ) -> None:
+        """Queue a data frame whose ``size`` payload bytes wait in pipe ``pipe_fd``: the
+        header is written, then the payload spliced (moved by the kernel, never copied into
+        this process). Only when ``transport.can_splice``. Never blocks."""
+        if self._closed:
+            return
+        self._data.append(_DataItem((header,), on_written, os.dup(pipe_fd), size))
+        self._wakeup.set()
+
     def _write_now(
         self, buffers: tuple[Buffer, ...], on_written: Callable[[], None] | None
     ) -> bool:
@@ -130,16 +158,25 @@ class FrameWriter:
                 buffers.extend(self._control)
                 self._control.clear()
                 size = 0
+                splice: _DataItem | None = None
                 while self._data and size < _BATCH_BYTES and len(batch) < _BATCH_ITEMS:
                     item = self._data.popleft()
                     batch.append(item)
                     buffers.extend(item.buffers)
                     size += item.size
+                    if item.splice_fd is not None:
+                        splice = item  # its payload goes right after its header
+                        break
                 self._busy = True
                 try:
                     await self._transport.send_all(buffers)
+                    if splice is not None:
+                        assert splice.splice_fd is not None
+                        await self._transport.splice_from(splice.splice_fd, splice.splice_size)
                 finally:
                     self._busy = False
+                    for item in batch:
+                        item.discard()
                 for item in batch:
                     if item.on_written is not None:
                         item.on_written()
@@ -149,6 +186,9 @@ class FrameWriter:
             self._closed = True
             raise
         finally:
+            self._closed = True
+            for item in self._data:
+                item.discard()
             self._written.unpark_all()
 
 

@@ -594,6 +594,11 @@ class Connection:
         child). Raises :class:`LocalProtocolError` when the channel is not open for
         sending, or the payload exceeds the credit or the peer's frame limit.
         """
+        return self.send_data_header(id, ch, len(payload))
+
+    def send_data_header(self, id: int, ch: int, size: int) -> bytes:
+        """:meth:`send_data` for a payload of ``size`` bytes that the caller moves itself
+        (e.g. with ``splice`` from a pipe): the same checks, accounting and header."""
         self._check_can_send(Data)
         child = self._child(id)
         if child.closing and self.role is Role.AGENT:
@@ -603,7 +608,6 @@ class Connection:
                 ErrorKind.CHANNEL_CLOSED, f"child {id} is closed", id=id, ref="data"
             )
         self._check_send_channel(child, id, ch, "data")
-        size = len(payload)
         if size > child.send_credit[ch]:
             raise LocalProtocolError(
                 ErrorKind.CREDIT_EXCEEDED,
