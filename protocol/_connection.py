@@ -454,45 +454,37 @@ class Connection:
     def _accept_child_control(
         self, frame: Signal | SignalAck | Started | Exit | Close | Closed
     ) -> None:
-        child = self._remote_child(frame, frame.id)
+        problem = self._advance(self._remote_child(frame, frame.id), frame)
+        if problem is not None:
+            raise RemoteProtocolError(
+                ErrorKind.BAD_FRAME, f"{frame.TYPE} frame: {problem}", id=frame.id,
+                ref=frame.TYPE,
+            )
+
+    def _advance(
+        self, child: _Child, frame: Signal | SignalAck | Started | Exit | Close | Closed
+    ) -> str | None:
+        """Apply a lifecycle frame to ``child`` (either direction), or say what is wrong
+        with it (the state is then unchanged)."""
         if isinstance(frame, Started):
             if child.started or child.exited:
-                raise RemoteProtocolError(
-                    ErrorKind.BAD_FRAME,
-                    f"started frame: child {frame.id} was already reported "
-                    f"{'started' if child.started else 'exited'}",
-                    id=frame.id,
-                    ref="started",
-                )
+                return (f"child {frame.id} was already reported "
+                        f"{'started' if child.started else 'exited'}")
             child.started = True
         elif isinstance(frame, Exit):
             if child.exited:
-                raise RemoteProtocolError(
-                    ErrorKind.BAD_FRAME,
-                    f"exit frame: child {frame.id} already exited",
-                    id=frame.id,
-                    ref="exit",
-                )
+                return f"child {frame.id} already exited"
             child.exited = True
         elif isinstance(frame, Close):
             if child.closing:
-                raise RemoteProtocolError(
-                    ErrorKind.BAD_FRAME,
-                    f"close frame: child {frame.id} is already being closed",
-                    id=frame.id,
-                    ref="close",
-                )
+                return f"child {frame.id} is already being closed"
             child.closing = True
         elif isinstance(frame, Closed):
             if not (child.closing and child.exited):
-                raise RemoteProtocolError(
-                    ErrorKind.BAD_FRAME,
-                    f"closed frame: child {frame.id} has not been "
-                    f"{'closed' if not child.closing else 'reported exited'}",
-                    id=frame.id,
-                    ref="closed",
-                )
+                return (f"child {frame.id} has not been "
+                        f"{'closed' if not child.closing else 'reported exited'}")
             del self._children[frame.id]
+        return None
 
     # ------------------------------------------------------------------ sending
 
@@ -700,38 +692,11 @@ class Connection:
         self, frame: Signal | SignalAck | Started | Exit | Close | Closed
     ) -> None:
         child = self._child(frame.id)
-        if isinstance(frame, Started):
-            if child.started or child.exited:
-                raise LocalProtocolError(
-                    ErrorKind.BAD_FRAME, f"child {frame.id} already reported", id=frame.id,
-                    ref="started",
-                )
-            child.started = True
-        elif isinstance(frame, Exit):
-            if child.exited:
-                raise LocalProtocolError(
-                    ErrorKind.BAD_FRAME, f"child {frame.id} already exited", id=frame.id,
-                    ref="exit",
-                )
-            child.exited = True
-        elif isinstance(frame, Close):
-            if child.closing:
-                raise LocalProtocolError(
-                    ErrorKind.BAD_FRAME, f"child {frame.id} already closed", id=frame.id,
-                    ref="close",
-                )
-            child.closing = True
-        elif isinstance(frame, Closed):
-            if not (child.closing and child.exited):
-                raise LocalProtocolError(
-                    ErrorKind.BAD_FRAME,
-                    f"child {frame.id}: closed needs a received close and a sent exit",
-                    id=frame.id,
-                    ref="closed",
-                )
-            del self._children[frame.id]
-        elif isinstance(frame, Signal) and child.closing:
+        if isinstance(frame, Signal) and child.closing:
             raise LocalProtocolError(
                 ErrorKind.CHANNEL_CLOSED, f"child {frame.id} is closed", id=frame.id,
                 ref="signal",
             )
+        problem = self._advance(child, frame)
+        if problem is not None:
+            raise LocalProtocolError(ErrorKind.BAD_FRAME, problem, id=frame.id, ref=frame.TYPE)

@@ -748,7 +748,7 @@ def test_closed_requires_close_received_and_exit_sent() -> None:
     with pytest.raises(LocalProtocolError) as info:
         agent.send(Closed(id=2))
     assert (info.value.kind, info.value.id) == (ErrorKind.BAD_FRAME, 2)
-    assert info.value.message == "child 2: closed needs a received close and a sent exit"
+    assert info.value.message == "child 2 has not been closed"
     exc = remote_error(ctrl, encode(Closed(id=2)))
     assert (exc.kind, exc.id, exc.ref) == (ErrorKind.BAD_FRAME, 2, "closed")
     assert exc.message == "closed frame: child 2 has not been closed"
@@ -768,7 +768,7 @@ def test_repeated_lifecycle_frames() -> None:
     with pytest.raises(LocalProtocolError) as info:
         agent.send(Started(id=4, pid=1))
     assert (info.value.kind, info.value.message) == (
-        ErrorKind.BAD_FRAME, "child 4 already reported")
+        ErrorKind.BAD_FRAME, "child 4 was already reported started")
     exc = remote_error(ctrl, encode(Started(id=4, pid=1)))
     assert exc.message == "started frame: child 4 was already reported started"
     deliver(ctrl, agent.send(Exit(id=4, code=0)))
