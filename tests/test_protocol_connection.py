@@ -780,7 +780,7 @@ def test_repeated_lifecycle_frames() -> None:
     deliver(agent, ctrl.send(Close(id=4)))
     with pytest.raises(LocalProtocolError) as info:
         ctrl.send(Close(id=4))
-    assert info.value.message == "child 4 already closed"
+    assert info.value.message == "child 4 is already being closed"
     exc = remote_error(agent, encode(Close(id=4)))
     assert (exc.kind, exc.message) == (
         ErrorKind.BAD_FRAME, "close frame: child 4 is already being closed")
