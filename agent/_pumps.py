@@ -30,7 +30,7 @@ READ_CHUNK: Final = 1 << 18
 _MAX_IN_FLIGHT: Final = 2
 # Output at least this large is spliced rather than read; at most this much per frame.
 _SPLICE_MIN: Final = 1 << 16
-_SPLICE_CHUNK: Final = 1 << 20
+_SPLICE_CHUNK: Final = READ_CHUNK  # a larger frame would delay other children longer
 
 
 def fionread(fd: int) -> int:
