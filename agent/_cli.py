@@ -105,6 +105,7 @@ async def _serve_until_signalled(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    childproc.fill_standard_fds()
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), stream=sys.stderr,

@@ -23,6 +23,7 @@ from typing import Final
 
 import trio
 
+import childproc
 from protocol import LocalProtocolError
 
 from ._agent import Agent, _collapse, open_agent
@@ -269,6 +270,7 @@ def _check_fds(fds: list[int]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    childproc.fill_standard_fds()  # a closed stdin reads as empty, not as trio's own fd
     try:
         args = _parser().parse_args(argv)
         command = _agent_command(args)

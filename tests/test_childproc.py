@@ -18,6 +18,7 @@ import resource
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -650,3 +651,17 @@ def test_credentials_attribute(monkeypatch: pytest.MonkeyPatch) -> None:
         assert set(cmd.credentials.groups) == expected_groups(NOBODY, 100)
     else:  # not root: a no-op
         assert cmd.credentials is None
+
+
+def test_fill_standard_fds_opens_dev_null_on_closed_ones() -> None:
+    script = (
+        "import os, childproc\n"
+        "print(childproc.fill_standard_fds(), os.path.samestat(os.fstat(0), os.stat(os.devnull)),"
+        " os.path.samestat(os.fstat(2), os.stat(os.devnull)), flush=True)\n"
+    )
+    # The shell closes stdin and stderr, then runs python in its place.
+    done = subprocess.run(
+        ["sh", "-c", 'exec 0<&- 2>&- "$@"', "sh", sys.executable, "-c", script],
+        stdout=subprocess.PIPE, timeout=30, check=True,
+    )
+    assert done.stdout == b"[0, 2] True True\n"

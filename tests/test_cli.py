@@ -325,3 +325,12 @@ def test_verbose_shows_agent_log_records() -> None:
                for line in lines), lines
     quiet = run_exec("--", "echo", "hello")
     assert quiet.stderr == b""
+
+
+def test_closed_stdin_reads_as_empty() -> None:
+    # With fd 0 closed, trio's own fds could land on it; mproxy-exec must read "no input".
+    done = subprocess.run(
+        ["sh", "-c", 'exec 0<&- "$@"', "sh", *EXEC, "--", "sh", "-c", "cat; echo done"],
+        capture_output=True, timeout=TIMEOUT, check=False,
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (0, b"done\n", b"")
