@@ -108,6 +108,14 @@ class Command:
         self._lock = threading.Lock()
         self._state: Literal["built", "started", "closed"] = "built"
 
+    @property
+    def start_is_brief(self) -> bool:
+        """Whether start() returns within about a millisecond, so that an event loop may
+        call it directly: true for popen and posix_spawn, whose parent waits only until
+        the child has exec'd (vfork). False for the trampoline, whose start waits for a
+        Python interpreter to come up (~15 ms): call that one from a worker thread."""
+        return self.mechanism != "trampoline"
+
     def start(self) -> subprocess.Popen[bytes]:
         """Start the child; it runs in a new process group whose id is its pid.
 

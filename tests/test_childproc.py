@@ -665,3 +665,20 @@ def test_fill_standard_fds_opens_dev_null_on_closed_ones() -> None:
         stdout=subprocess.PIPE, timeout=30, check=True,
     )
     assert done.stdout == b"[0, 2] True True\n"
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="the credential drop needs root")
+def test_only_the_trampoline_must_be_started_from_a_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SUDO_UID", "65534")
+    expected = [
+        (Spec(CAT, ["cat"]), "popen", True),
+        (Spec(CAT, ["cat"], extra_fds=[3]), "posix_spawn", True),
+        (Spec(CAT, ["cat"], drop_sudo_credentials=True), "trampoline", False),
+    ]
+    for spec, mechanism, brief in expected:
+        command, pipes = build(spec)
+        with pipes:
+            close_child_side(command)
+            assert (command.mechanism, command.start_is_brief) == (mechanism, brief)
