@@ -5,7 +5,8 @@ from the rest of the project and needs no event loop.
 
     command, pipes = build(Spec(path, argv, env, cwd, extra_fds, drop_sudo_credentials))
     try:
-        proc = command.start()      # from a worker thread under an event loop
+        proc = command.start()      # under an event loop: a worker thread unless
+                                    # command.start_is_brief
     finally:
         close_child_side(command)
     ... use pipes.stdin/stdout/stderr/extra, wait for and reap proc, pipes.close() ...

@@ -121,8 +121,9 @@ class Command:
 
         Blocks for about the cost of one spawn (well under a millisecond for popen and
         posix_spawn, ~15 ms for the trampoline) and holds no lock shared with other
-        Commands, so an async runtime calls it from a worker thread (e.g.
-        trio.to_thread.run_sync(cmd.start)). May be called once. Raises SpawnError when
+        Commands: an async runtime may call it directly when ``start_is_brief``, and
+        otherwise from a worker thread (e.g. trio.to_thread.run_sync(cmd.start)); it is
+        thread-safe. May be called once. Raises SpawnError when
         the child could not be started; no child is left behind then.
 
         Afterwards the caller must, in this order or concurrently:
