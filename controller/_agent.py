@@ -186,6 +186,7 @@ class Agent:
         cwd: StrOrBytes | os.PathLike[str] | None = None,
         extra_fds: Sequence[int] = (),
         drop_sudo_credentials: bool = False,
+        stdin_eof: bool = False,
     ) -> RemoteProcess:
         self.raise_if_lost()
         if isinstance(argv, (str, bytes)):
@@ -208,7 +209,12 @@ class Agent:
         data = self.conn.send(frame)  # validates: raises LocalProtocolError on bad input
         process = RemoteProcess(self, id, list(argv), tuple(extra_fds))  # type: ignore[arg-type]
         self.processes[id] = process
-        self.writer.send_control(data)
+        if stdin_eof:
+            # exec and the stdin eof in one write: one wakeup of the agent, not two.
+            process._stdin.eof_sent = True
+            self.writer.send_data(data, self.conn.send(Eof(id, 0)))
+        else:
+            self.writer.send_control(data)
         return process
 
     async def open_process(
@@ -271,7 +277,7 @@ class Agent:
         """
         process = self._start(
             argv, path=path, env=env, env_overrides=env_overrides, env_remove=env_remove,
-            cwd=cwd, drop_sudo_credentials=drop_sudo_credentials,
+            cwd=cwd, drop_sudo_credentials=drop_sudo_credentials, stdin_eof=not stdin,
         )
         outputs: dict[int, bytearray] = {1: bytearray(), 2: bytearray()}
         capture = {1: capture_stdout, 2: capture_stderr}
@@ -289,15 +295,15 @@ class Agent:
 
         async def feed() -> None:
             try:
-                if stdin:
-                    await process.stdin.send_all(stdin)
+                await process.stdin.send_all(stdin)
                 await process.stdin.aclose()
             except trio.BrokenResourceError:
                 pass  # the child stopped reading its stdin: like trio, not an error
 
         async def run() -> None:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(feed)
+                if stdin:
+                    nursery.start_soon(feed)
                 async with trio.open_nursery() as readers:
                     readers.start_soon(collect, 1)
                     readers.start_soon(collect, 2)
