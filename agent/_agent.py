@@ -349,8 +349,19 @@ class Agent:
     def _on_exec(self, frame: Exec) -> None:
         child = Child(frame)
         self.children[frame.id] = child
+        prepared = self._prepare(child)
+        if prepared is not None and prepared[0].start_is_brief:
+            # Started right here, before the next frame is read: started goes out in the
+            # same round (see Command.start_is_brief for why the loop may block on it).
+            command, pipes = prepared
+            try:
+                outcome: subprocess.Popen[bytes] | OSError | ValueError = command.start()
+            except (OSError, ValueError) as exc:
+                outcome = exc
+            self._launched(child, command, pipes, outcome)
+            prepared = None
         assert self._nursery is not None
-        self._nursery.start_soon(self._run_child, child)
+        self._nursery.start_soon(self._run_child, child, prepared)
 
     def _on_signal(self, frame: Signal) -> None:
         child = self.children[frame.id]
@@ -371,9 +382,13 @@ class Agent:
 
     # ------------------------------------------------------------------ children
 
-    async def _run_child(self, child: Child) -> None:
+    async def _run_child(
+        self, child: Child, prepared: tuple[childproc.Command, childproc.Pipes] | None
+    ) -> None:
         try:
-            if await self._spawn(child):
+            if prepared is not None:
+                await self._start_in_thread(child, *prepared)
+            if child.popen is not None:
                 async with trio.open_nursery() as nursery:
                     for pump in child.pumps():
                         nursery.start_soon(pump.run)
@@ -398,63 +413,79 @@ class Agent:
                 del self.children[child.id]
             child.released.set()
 
-    async def _spawn(self, child: Child) -> bool:
-        """Start the child; on failure report it (error + exit) and return False."""
+    def _prepare(self, child: Child) -> tuple[childproc.Command, childproc.Pipes] | None:
+        """Build the child's command and pipes; on failure report it (error + exit) and
+        return None."""
         frame = child.frame
+        if len(self.children) > self.max_children:
+            self._spawn_failed(child, ErrorKind.TOO_MANY_CHILDREN, None,
+                               f"exec frame: {self.max_children} children already "
+                               f"running (--max-children)", 126)
+            self._spawn_done(child)
+            return None
         try:
-            if len(self.children) > self.max_children:
-                self._spawn_failed(child, ErrorKind.TOO_MANY_CHILDREN, None,
-                                   f"exec frame: {self.max_children} children already "
-                                   f"running (--max-children)", 126)
-                return False
+            spec = childproc.Spec(
+                path=frame.path if frame.path is not None else frame.argv[0],
+                argv=list(frame.argv),
+                env=child_environment(frame, self.inherited_env),
+                cwd=frame.cwd,
+                extra_fds=list(frame.fds),
+                drop_sudo_credentials=frame.drop_sudo,
+            )
+            return childproc.build(spec)
+        except (OSError, ValueError) as exc:
+            self._report_spawn_error(child, exc)
+            self._spawn_done(child)
+            return None
+
+    async def _start_in_thread(
+        self, child: Child, command: childproc.Command, pipes: childproc.Pipes
+    ) -> None:
+        """Start a command whose start() takes long (the credential trampoline)."""
+        while self._reaping:
+            await self._spawn_gate.park()
+        self._spawns_in_flight += 1
+        try:
             try:
-                spec = childproc.Spec(
-                    path=frame.path if frame.path is not None else frame.argv[0],
-                    argv=list(frame.argv),
-                    env=child_environment(frame, self.inherited_env),
-                    cwd=frame.cwd,
-                    extra_fds=list(frame.fds),
-                    drop_sudo_credentials=frame.drop_sudo,
-                )
-                command, pipes = childproc.build(spec)
+                # Not abandoned on cancellation: a started child must never go untracked.
+                outcome: subprocess.Popen[bytes] | OSError | ValueError = (
+                    await trio.to_thread.run_sync(command.start))
             except (OSError, ValueError) as exc:
-                self._report_spawn_error(child, exc)
-                return False
-            while self._reaping:
-                await self._spawn_gate.park()
-            self._spawns_in_flight += 1
-            try:
-                if command.start_is_brief:
-                    # vfork-based: blocks the loop for well under a millisecond, where a
-                    # worker thread's round trip costs ~1 ms on a busy 2-core machine.
-                    popen = command.start()
-                else:
-                    # Not abandoned on cancellation: a started child must never go
-                    # untracked.
-                    popen = await trio.to_thread.run_sync(command.start)
-            except (OSError, ValueError) as exc:
-                pipes.close()
-                self._report_spawn_error(child, exc)
-                return False
-            else:
-                self._attach(child, popen, pipes)
-            finally:
-                childproc.close_child_side(command)
-                self._spawns_in_flight -= 1
-                self._spawn_gate.unpark_all()
-            if self._tearing_down:
-                kill_group(popen.pid, signal.SIGKILL)
-            self.send(Started(child.id, popen.pid))
-            self.log("debug", "started", id=child.id, pid=popen.pid)
-            return True
+                outcome = exc
+            self._launched(child, command, pipes, outcome)
         finally:
-            child.spawning = False
-            for early in child.early:
-                self._route_input(child, early)
-            child.early.clear()
-            for pending in child.pending_signals:
-                self._on_signal(pending)
-            child.pending_signals.clear()
+            self._spawns_in_flight -= 1
+            self._spawn_gate.unpark_all()
+
+    def _launched(
+        self,
+        child: Child,
+        command: childproc.Command,
+        pipes: childproc.Pipes,
+        outcome: subprocess.Popen[bytes] | OSError | ValueError,
+    ) -> None:
+        """Record the result of starting ``command``: attach and announce the child, or
+        report the failure; then hand it the frames and signals that arrived meanwhile."""
+        childproc.close_child_side(command)
+        if isinstance(outcome, subprocess.Popen):
+            self._attach(child, outcome, pipes)
+            if self._tearing_down:
+                kill_group(outcome.pid, signal.SIGKILL)
+            self.send(Started(child.id, outcome.pid))
+            self.log("debug", "started", id=child.id, pid=outcome.pid)
+        else:
+            pipes.close()
+            self._report_spawn_error(child, outcome)
+        self._spawn_done(child)
+
+    def _spawn_done(self, child: Child) -> None:
+        child.spawning = False
+        for early in child.early:
+            self._route_input(child, early)
+        child.early.clear()
+        for pending in child.pending_signals:
+            self._on_signal(pending)
+        child.pending_signals.clear()
 
     def _attach(
         self, child: Child, popen: subprocess.Popen[bytes], pipes: childproc.Pipes
