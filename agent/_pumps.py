@@ -29,8 +29,10 @@ READ_CHUNK: Final = 1 << 18
 # overlap the previous write without letting one channel hog the writer's queue.
 _MAX_IN_FLIGHT: Final = 2
 # Output at least this large is spliced rather than read; at most this much per frame.
+# Measured per GiB of stdout and the echo p99 of another child meanwhile: 256 KiB frames
+# 0.75 s of agent CPU / 2.5 ms, 512 KiB 0.55 s / 4.7 ms, 1 MiB 0.4 s / 5.5 ms.
 _SPLICE_MIN: Final = 1 << 16
-_SPLICE_CHUNK: Final = READ_CHUNK  # a larger frame would delay other children longer
+_SPLICE_CHUNK: Final = 1 << 19
 
 
 def fionread(fd: int) -> int:
