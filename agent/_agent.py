@@ -186,8 +186,9 @@ class Agent:
         self._writer_done = trio.Event()
         self._tearing_down = False
         self._nursery: trio.Nursery | None = None
-        # Orphan reaping must not run while a spawn is in flight: a child that exits
-        # before its pid is recorded would look like an orphan and lose its status.
+        # Orphan reaping must not run while a spawn is in flight in a worker thread: a
+        # child that exits before its pid is recorded would look like an orphan and lose
+        # its status. (A spawn on the loop records its pid before the loop runs again.)
         self._spawns_in_flight = 0
         self._reaping = False
         self._spawn_gate = trio.lowlevel.ParkingLot()
