@@ -98,6 +98,8 @@ class FrameWriter:
         self, *buffers: Buffer, on_written: Callable[[], None] | None = None
     ) -> None:
         """Queue a data or eof frame (header and payload buffers). Never blocks."""
+        if on_written is None and not any(buffers):
+            return  # the connection dropped the frame: its child is being closed
         if not self._closed and not self._write_now(buffers, on_written):
             self._data.append(_DataItem(buffers, on_written))
             self._wakeup.set()
