@@ -172,6 +172,10 @@ class Agent:
         self.writer = FrameWriter(transport)
         self.output_budget = ByteBudget(OUTPUT_BUDGET)
         self.children: dict[int, Child] = {}
+        # Children the controller has not closed: what --max-children limits. A closed
+        # child is being torn down and no longer counts, so a controller that sends the
+        # next exec right after a close (without waiting for closed) is not refused.
+        self._unclosed = 0
         self.policy = DEFAULT_POLICY
         # The agent never changes its own environment, so the filtered copy children
         # inherit is computed once per policy rather than once per exec.
@@ -312,6 +316,7 @@ class Agent:
                 # this SIGKILL, not of a SIGPIPE that races it.
                 kill_group(child.pid, signal.SIGKILL)
             child.close_requested.set()
+            self._unclosed -= 1
             if child.drain_scope is not None:
                 child.drain_scope.cancel()
         elif isinstance(frame, Config):
@@ -350,6 +355,7 @@ class Agent:
     def _on_exec(self, frame: Exec) -> None:
         child = Child(frame)
         self.children[frame.id] = child
+        self._unclosed += 1
         prepared = self._prepare(child)
         if prepared is not None and prepared[0].start_is_brief:
             # Started right here, before the next frame is read: started goes out in the
@@ -418,7 +424,7 @@ class Agent:
         """Build the child's command and pipes; on failure report it (error + exit) and
         return None."""
         frame = child.frame
-        if len(self.children) > self.max_children:
+        if self._unclosed > self.max_children:
             self._spawn_failed(child, ErrorKind.TOO_MANY_CHILDREN, None,
                                f"exec frame: {self.max_children} children already "
                                f"running (--max-children)", 126)

@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--max-children", type=_positive_int, default=10_000, metavar="N",
-        help="children that may exist at once; further execs fail (default: 10000)",
+        help="children not yet closed by the controller; further execs fail (default: 10000)",
     )
     return parser
 

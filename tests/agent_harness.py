@@ -258,12 +258,16 @@ class Raw:
 
     def exec(self, argv: Sequence[str | bytes], *, id: int | None = None, keep: bool = True,
              hold: bool = False, sink: Callable[[int, bytes], None] | None = None,
-             more: Sequence[Frame] = (), **fields: Any) -> Kid:
-        """Send an exec frame (and ``more`` frames in the same write); return its Kid."""
+             before: Sequence[Frame] = (), more: Sequence[Frame] = (), **fields: Any) -> Kid:
+        """Send an exec frame, in one write with the ``before`` frames ahead of it and the
+        ``more`` frames after it; return its Kid."""
         kid = Kid(self.new_id() if id is None else id, keep=keep, hold=hold, sink=sink)
         self.kids[kid.id] = kid
         frame = Exec(id=kid.id, argv=tuple(os.fsencode(a) for a in argv), **fields)
-        self.send(frame, *more)
+        for ahead in before:
+            if isinstance(ahead, Close):
+                self.kids[ahead.id].closing = True
+        self.send(*before, frame, *more)
         return kid
 
     def write_now(self, id: int, ch: int, data: bytes) -> None:

@@ -15,7 +15,7 @@ import trio
 from agent_harness import AGENT_ARGV, spawned
 
 import agent
-from protocol import Goodbye, Log, Shutdown
+from protocol import Close, Goodbye, Log, Shutdown
 
 _O_CLOEXEC = 0o2000000
 
@@ -103,11 +103,13 @@ async def test_max_children() -> None:
         await raw.error(fourth, "too-many-children")
         raw.close(fourth.id)
         await raw.closed(fourth)
-        raw.close(first.id)
-        await raw.closed(first)
-        # Room again.
-        fifth = await raw.run(["echo", "room"])
+        # Room again as soon as the controller closes a child: a close and an exec read
+        # together find room, though the closed child is torn down only afterwards.
+        fifth = raw.exec(["echo", "room"], before=[Close(first.id)])
+        raw.eof(fifth.id)
+        await raw.finished(fifth)
         assert fifth.output(1) == b"room\n" and not fifth.errors
+        await raw.closed(first)
         await raw.echo(second, b"the second is fine\n")
 
 
