@@ -311,9 +311,11 @@ class Agent:
             self._on_signal(frame)
         elif isinstance(frame, Close):
             child = self.children[frame.id]
-            if child.pid is not None and child.status is None:
-                # Now, before any pump can close a pipe under the child: it must die of
-                # this SIGKILL, not of a SIGPIPE that races it.
+            if child.pid is not None and not child.reaped:
+                # Now, not in the child's task a round later: a running child must die of
+                # this SIGKILL, not of a SIGPIPE from a pump closing its pipes, and what
+                # an exited child left in its group (its zombie still pins the group id)
+                # is killed before any later frame of the controller is handled.
                 kill_group(child.pid, signal.SIGKILL)
             child.close_requested.set()
             self._unclosed -= 1

@@ -201,12 +201,17 @@ class RemoteProcess:
                 if self.returncode is None and self.pid is not None:
                     await self.kill()
                 await self._exited.wait()
-            self._close_streams()
-            if not self.closed and not self._agent.lost:
-                self.closed = True
-                self._agent.send(Close(self.id))
-            self.closed = True
+            self._release()
             await self._released.wait()
+
+    def _release(self) -> None:
+        """Stop the streams and send close (once): the agent kills what is left of the
+        group, reaps the child and frees its id before it reads any later frame. Does not
+        wait for the agent's closed."""
+        self._close_streams()
+        if not self.closed and not self._agent.lost:
+            self._agent.send(Close(self.id))
+        self.closed = True
 
     def _close_streams(self) -> None:
         self._stdin.eof_sent = True

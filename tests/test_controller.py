@@ -142,6 +142,47 @@ async def test_run_process_pipes_stdin_and_captures(any_agent: controller.Agent)
     assert done.args == ["tr", "a-z", "A-Z"]
 
 
+# Prints "killed" when the process whose pid is argv[1] is gone, a zombie, exiting, or has
+# a SIGKILL pending: each is a state it can only be in once SIGKILL was sent.
+_KILLED_CHECK = """
+import sys
+pid = sys.argv[1]
+try:
+    stat = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    status = open(f"/proc/{pid}/status").read()
+except FileNotFoundError:
+    print("killed"); sys.exit()
+pending = 0
+for line in status.splitlines():
+    if line.startswith(("SigPnd:", "ShdPnd:")):
+        pending |= int(line.split()[1], 16)
+exiting = int(stat[6]) & 0x4  # PF_EXITING
+killed = stat[0] in "ZX" or exiting or pending & (1 << 8)
+print("killed" if killed else "alive " + stat[0])
+"""
+
+
+async def test_run_process_leftovers_are_killed_before_the_next_request(
+    any_agent: controller.Agent,
+) -> None:
+    # run_process returns at the exit without waiting for the agent's closed; the close it
+    # sent is handled first, so what the child left in its group is killed before the
+    # next command starts.
+    with trio.fail_after(20):
+        done = await any_agent.run_process(
+            ["sh", "-c", "sleep 100 >/dev/null 2>&1 & echo $!"], capture_stdout=True
+        )
+        leftover = int(done.stdout)
+        try:
+            check = await any_agent.run_process(
+                [sys.executable, "-c", _KILLED_CHECK, str(leftover)], capture_stdout=True
+            )
+            assert check.stdout == b"killed\n"
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(leftover, signal.SIGKILL)
+
+
 async def test_stdin_of_a_child_that_closed_it_is_broken(any_agent: controller.Agent) -> None:
     with trio.fail_after(20):
         async with await any_agent.open_process(
