@@ -102,7 +102,7 @@ class RemoteProcess:
         self._exited.set()
         self._started.set()
 
-    def _on_data(self, ch: int, data: bytes) -> None:
+    def _on_data(self, ch: int, data: bytes | memoryview) -> None:
         self._outputs[ch].feed(data)
 
     def _on_eof(self, ch: int) -> None:

@@ -21,7 +21,7 @@ from ._connection import (
     NeedData,
     Role,
 )
-from ._decoder import FrameDecoder
+from ._decoder import FrameDecoder, ZeroCopyFrameDecoder
 from ._errors import ErrorKind, LocalProtocolError, ProtocolError, RemoteProtocolError
 from ._frames import (
     SIGNAL_NAMES,
@@ -85,6 +85,7 @@ __all__ = [
     "SignalAck",
     "Started",
     "Window",
+    "ZeroCopyFrameDecoder",
     "encode",
     "encode_data_header",
 ]

@@ -35,6 +35,7 @@ from ._frames import (
 )
 
 __all__ = [
+    "DATA_MAP_START",
     "HEADER_SIZE",
     "MAX_ID",
     "PROTOCOL_VERSION",
@@ -97,7 +98,9 @@ def encode(frame: Frame) -> bytes:
     return _LENGTH.pack(len(packed)) + packed
 
 
-_DATA_MAP_START: Final = b"\x84" + msgpack.packb("t") + msgpack.packb("data")
+#: How every data frame this module encodes begins (decoders recognise it to borrow
+#: the payload instead of copying it).
+DATA_MAP_START: Final = b"\x84" + msgpack.packb("t") + msgpack.packb("data")
 _KEY_ID: Final = msgpack.packb("id")
 _KEY_CH: Final = msgpack.packb("ch")
 _KEY_D: Final = msgpack.packb("d")
@@ -116,7 +119,7 @@ def encode_data_header(id: int, ch: int, length: int) -> bytes:
     else:
         bin_header = b"\xc6" + length.to_bytes(4, "big")
     prefix = b"".join(
-        (_DATA_MAP_START, _KEY_ID, msgpack.packb(id), _KEY_CH, msgpack.packb(ch), _KEY_D,
+        (DATA_MAP_START, _KEY_ID, msgpack.packb(id), _KEY_CH, msgpack.packb(ch), _KEY_D,
          bin_header)
     )
     return _LENGTH.pack(len(prefix) + length) + prefix

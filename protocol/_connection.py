@@ -21,7 +21,7 @@ from ._codec import (
     encode,
     encode_data_header,
 )
-from ._decoder import FrameDecoder
+from ._decoder import FrameDecoder, ZeroCopyFrameDecoder
 from ._errors import ErrorKind, LocalProtocolError, RemoteProtocolError
 from ._frames import (
     Close,
@@ -150,6 +150,7 @@ class Connection:
         impl: str = "mproxy",
         impl_version: str = "0",
         caps: tuple[str, ...] = (),
+        zero_copy: bool = False,
     ) -> None:
         self.role = role
         self.our_hello = Hello(
@@ -165,7 +166,13 @@ class Connection:
         except FrameInvalid as exc:
             raise LocalProtocolError(exc.kind, exc.message, ref="hello") from None
         self.their_hello: Hello | None = None
-        self._decoder = FrameDecoder(max_frame_size)
+        #: Data payloads are views of the receive buffer (see ZeroCopyFrameDecoder).
+        self.zero_copy = zero_copy
+        self._decoder: FrameDecoder | ZeroCopyFrameDecoder
+        if zero_copy:
+            self._decoder = ZeroCopyFrameDecoder(max_frame_size)
+        else:
+            self._decoder = FrameDecoder(max_frame_size)
         self._initiated = False
         self._eof = False
         self._fatal: RemoteProtocolError | None = None
@@ -225,6 +232,32 @@ class Connection:
             self._eof = True
         else:
             self._decoder.feed(data)
+
+    def get_buffer(self) -> memoryview:
+        """Zero-copy connections only: space to read the peer's next bytes into. Release
+        the view, then report the bytes written with :meth:`buffer_updated` (0 for end of
+        stream). See :class:`ZeroCopyFrameDecoder`."""
+        return self._zero_copy_decoder().get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if nbytes == 0:
+            self._eof = True
+        else:
+            self._zero_copy_decoder().buffer_updated(nbytes)
+
+    @property
+    def pinned_bytes(self) -> int:
+        """Zero-copy connections: bytes of earlier receive buffers that payload views
+        still hold; 0 for others. A receiver that holds payloads for long should copy
+        them out when this grows well beyond what it holds."""
+        if isinstance(self._decoder, ZeroCopyFrameDecoder):
+            return self._decoder.pinned_bytes
+        return 0
+
+    def _zero_copy_decoder(self) -> ZeroCopyFrameDecoder:
+        if not isinstance(self._decoder, ZeroCopyFrameDecoder):
+            raise TypeError("get_buffer/buffer_updated need a Connection(zero_copy=True)")
+        return self._decoder
 
     def next_event(self) -> Frame | NeedData | ConnectionClosed:
         """The next valid frame from the peer, or a sentinel.

@@ -1,4 +1,4 @@
-"""Incremental frame decoder: feed bytes, take frames."""
+"""Incremental frame decoders: feed bytes (or read into their buffer), take frames."""
 
 from __future__ import annotations
 
@@ -6,11 +6,18 @@ from typing import Final
 
 import msgpack
 
-from ._codec import HEADER_SIZE, MAX_ID, FrameInvalid, decode_body, unpack_length
+from ._codec import (
+    DATA_MAP_START,
+    HEADER_SIZE,
+    MAX_ID,
+    FrameInvalid,
+    decode_body,
+    unpack_length,
+)
 from ._errors import ErrorKind, RemoteProtocolError
-from ._frames import Frame
+from ._frames import Data, Frame
 
-__all__ = ["FrameDecoder"]
+__all__ = ["FrameDecoder", "ZeroCopyFrameDecoder"]
 
 # Compact the buffer once this much of its front has been consumed: keeps both the
 # memmove cost and the dead space bounded.
@@ -63,56 +70,242 @@ class FrameDecoder:
         if available < HEADER_SIZE:
             return None
         length = unpack_length(buf, start)
-        if length == 0 or length > self.max_frame_size:
-            raise RemoteProtocolError(
-                ErrorKind.FRAME_TOO_LARGE if length else ErrorKind.MALFORMED,
-                f"frame header announces {length} bytes; the limit is {self.max_frame_size}"
-                if length
-                else "frame header announces an empty frame",
-                fatal=True,
-            )
+        _check_length(length, self.max_frame_size)
         end = start + HEADER_SIZE + length
         if len(buf) < end:
             return None
-        with memoryview(buf) as view:
-            body_view = view[start + HEADER_SIZE : end]
-            try:
-                body = msgpack.unpackb(
-                    body_view, raw=False, unicode_errors="surrogateescape"
-                )
-            except Exception as exc:  # msgpack raises many types for bad input
-                # Map keys other than strings are refused here (strict_map_key): a map of
-                # colliding integer keys would make decoding quadratic.
-                raise RemoteProtocolError(
-                    ErrorKind.MALFORMED,
-                    f"frame body ({length} bytes) is not one msgpack value with string "
-                    f"map keys: {type(exc).__name__} {exc}".rstrip(),
-                    fatal=True,
-                ) from None
-            finally:
-                body_view.release()
-        self._pos = end
-        if end == len(buf):
-            self._buf = b""
-            self._pos = 0
-        elif end >= _COMPACT_AT and isinstance(buf, bytearray):
-            del buf[:end]
-            self._pos = 0
-        if type(body) is not dict:
-            raise RemoteProtocolError(
-                ErrorKind.MALFORMED,
-                f"frame body is a msgpack {type(body).__name__}, not a map",
-                fatal=True,
-            )
         try:
-            return decode_body(body)
-        except FrameInvalid as exc:
-            ref = body.get("t")
-            child = body.get("id")
-            raise RemoteProtocolError(
-                exc.kind,
-                exc.message,
-                id=child if type(child) is int and 0 <= child <= MAX_ID else None,
-                # bounded: the ref of an unknown type goes back to the peer in an error
-                ref=ref[:64] if type(ref) is str else None,
-            ) from None
+            with memoryview(buf) as view:
+                return _decode_frame(view[start + HEADER_SIZE : end], length)
+        finally:
+            # Consumed even when it was bad: decoding goes on after a non-fatal error.
+            self._pos = end
+            if end == len(buf):
+                self._buf = b""
+                self._pos = 0
+            elif end >= _COMPACT_AT and isinstance(buf, bytearray):
+                del buf[:end]
+                self._pos = 0
+
+
+def _check_length(length: int, limit: int) -> None:
+    if length == 0 or length > limit:
+        raise RemoteProtocolError(
+            ErrorKind.FRAME_TOO_LARGE if length else ErrorKind.MALFORMED,
+            f"frame header announces {length} bytes; the limit is {limit}"
+            if length
+            else "frame header announces an empty frame",
+            fatal=True,
+        )
+
+
+def _decode_frame(body_view: memoryview, length: int) -> Frame:
+    """The frame in one complete body; releases ``body_view``. The frame holds no view
+    of it: bin fields are copied out."""
+    try:
+        body = msgpack.unpackb(body_view, raw=False, unicode_errors="surrogateescape")
+    except Exception as exc:  # msgpack raises many types for bad input
+        # Map keys other than strings are refused here (strict_map_key): a map of
+        # colliding integer keys would make decoding quadratic.
+        raise RemoteProtocolError(
+            ErrorKind.MALFORMED,
+            f"frame body ({length} bytes) is not one msgpack value with string "
+            f"map keys: {type(exc).__name__} {exc}".rstrip(),
+            fatal=True,
+        ) from None
+    finally:
+        body_view.release()
+    if type(body) is not dict:
+        raise RemoteProtocolError(
+            ErrorKind.MALFORMED,
+            f"frame body is a msgpack {type(body).__name__}, not a map",
+            fatal=True,
+        )
+    try:
+        return decode_body(body)
+    except FrameInvalid as exc:
+        ref = body.get("t")
+        child = body.get("id")
+        raise RemoteProtocolError(
+            exc.kind,
+            exc.message,
+            id=child if type(child) is int and 0 <= child <= MAX_ID else None,
+            # bounded: the ref of an unknown type goes back to the peer in an error
+            ref=ref[:64] if type(ref) is str else None,
+        ) from None
+
+
+# ZeroCopyFrameDecoder's slabs: this large, or one frame's size when that is larger.
+# get_buffer offers at least 1/32 of it (64 KiB), so reads stay large.
+_SLAB_SIZE: Final = 1 << 21
+# Free slabs kept for reuse; more are left to the garbage collector.
+_SPARE_SLABS: Final = 2
+
+
+class ZeroCopyFrameDecoder:
+    """A :class:`FrameDecoder` whose data payloads are views of its own buffers.
+
+    Read straight into :meth:`get_buffer` and report with :meth:`buffer_updated` (like
+    asyncio's BufferedProtocol); :meth:`feed` copies bytes in for callers that have them
+    already. Data frames in the canonical layout (the one :func:`encode_data_header`
+    writes) carry their payload as a read-only ``memoryview`` of the buffer it was read
+    into: no copy, and no fresh allocation per frame. Every other frame, and a data frame
+    laid out otherwise, is decoded as by :class:`FrameDecoder` (its bin fields copied).
+
+    Buffers ("slabs", 2 MiB or one frame if larger) are reused once no payload view of
+    them is alive. A view pins its whole slab, so a consumer that keeps payloads for long
+    should copy them (``bytes(view)``) and drop the view; one that consumes them soon
+    should just drop (or release) each view once done, and the same few slabs serve
+    the whole stream. Errors and ``max_frame_size`` are as for :class:`FrameDecoder`.
+    """
+
+    def __init__(self, max_frame_size: int, *, slab_size: int = _SLAB_SIZE) -> None:
+        self.max_frame_size = max_frame_size
+        self._slab_size = slab_size
+        self._min_space = max(1, slab_size // 32)
+        self._slab = bytearray(slab_size)
+        self._pos = 0  # start of the first frame not yet returned
+        self._fill = 0  # end of the bytes written into the slab
+        # Slabs left behind: those payload views still pin, and a few free spares.
+        self._retired: list[bytearray] = []
+        #: Slabs allocated so far (a measure of memory churn, for tests and diagnostics).
+        self.slabs_allocated = 1
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as frames."""
+        return self._fill - self._pos
+
+    @property
+    def pinned_bytes(self) -> int:
+        """Bytes of earlier slabs that payload views still hold: memory that consumers
+        keep alive beyond what the decoder needs."""
+        return sum(len(slab) for slab in self._retired if _in_use(slab))
+
+    def get_buffer(self) -> memoryview:
+        """Writable space for the next bytes received: at least 1/32 of a slab, and
+        enough for the frame in progress to complete. Write into it, release it (use it
+        in a ``with``), then call :meth:`buffer_updated` with the bytes written."""
+        needed = self._min_space
+        if self._fill - self._pos >= HEADER_SIZE:
+            # The frame in progress must end inside this slab: a view cannot span two.
+            frame_end = self._pos + HEADER_SIZE + unpack_length(self._slab, self._pos)
+            needed = max(needed, frame_end - self._fill)
+        if len(self._slab) - self._fill < needed:
+            self._move_to_new_slab(needed)
+        return memoryview(self._slab)[self._fill :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` bytes were written at the start of the last :meth:`get_buffer`."""
+        if not 0 <= nbytes <= len(self._slab) - self._fill:
+            raise ValueError(f"buffer_updated({nbytes}): beyond the buffer handed out")
+        self._fill += nbytes
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Copy received bytes in."""
+        with memoryview(data) as view:
+            done = 0
+            while done < len(view):
+                with self.get_buffer() as space:
+                    size = min(len(space), len(view) - done)
+                    space[:size] = view[done : done + size]
+                self.buffer_updated(size)
+                done += size
+
+    def next_frame(self) -> Frame | None:
+        """The next complete frame, or None when more bytes are needed."""
+        start = self._pos
+        if self._fill - start < HEADER_SIZE:
+            return None
+        length = unpack_length(self._slab, start)
+        _check_length(length, self.max_frame_size)
+        end = start + HEADER_SIZE + length
+        if self._fill < end:
+            return None
+        try:
+            with memoryview(self._slab) as view:
+                body = view[start + HEADER_SIZE : end]
+                data = _borrowed_data(body)
+                if data is not None:
+                    return data
+                return _decode_frame(body, length)
+        finally:
+            self._pos = end  # consumed even when bad: decoding goes on after non-fatal errors
+
+    def _move_to_new_slab(self, needed: int) -> None:
+        """Continue in a slab with ``needed`` bytes free after the unreturned bytes,
+        which are copied over (at most one frame; usually a few bytes)."""
+        pending = self._fill - self._pos
+        if not _in_use(self._slab) and len(self._slab) >= pending + needed:
+            # Nothing points into this slab: shift the pending bytes to its front.
+            self._slab[:pending] = self._slab[self._pos : self._fill]
+            self._pos, self._fill = 0, pending
+            return
+        old = self._slab
+        pinned = [slab for slab in self._retired if _in_use(slab)]
+        spares = [slab for slab in self._retired if not _in_use(slab)]
+        # Doubling when a slab must grow keeps feeding one huge chunk linear.
+        size = max(self._slab_size, 2 * (pending + needed) if pending else needed)
+        fits = [slab for slab in spares if len(slab) >= size]
+        if fits:
+            self._slab = fits[0]
+            spares.remove(fits[0])
+        else:
+            self._slab = bytearray(size)
+            self.slabs_allocated += 1
+        self._slab[:pending] = old[self._pos : self._fill]
+        self._pos, self._fill = 0, pending
+        (pinned if _in_use(old) else spares).append(old)
+        self._retired = pinned + spares[-_SPARE_SLABS:]
+
+
+def _in_use(slab: bytearray) -> bool:
+    """Whether a memoryview of ``slab`` is alive. CPython refuses to resize a bytearray
+    whose buffer is exported, and resizing by one byte and back is O(1)."""
+    try:
+        slab.append(0)
+    except BufferError:
+        return True
+    del slab[-1]
+    return False
+
+
+# The canonical data frame: {"t": "data", "id": uint, "ch": uint, "d": bin}, in that order.
+_DATA_PREFIX: Final[bytes] = DATA_MAP_START + msgpack.packb("id")
+_KEY_CH: Final[bytes] = msgpack.packb("ch")
+_KEY_D: Final[bytes] = msgpack.packb("d")
+_UINT_SIZES: Final = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
+_BIN_SIZES: Final = {0xC4: 1, 0xC5: 2, 0xC6: 4}
+
+
+def _borrowed_data(body: memoryview) -> Data | None:
+    """A data frame in the canonical layout, its payload a read-only view of ``body``;
+    None for anything else (the caller decodes it in full)."""
+    if body[: len(_DATA_PREFIX)] != _DATA_PREFIX:
+        return None
+    id, pos = _uint_at(body, len(_DATA_PREFIX))
+    if id is None or body[pos : pos + 3] != _KEY_CH:
+        return None
+    ch, pos = _uint_at(body, pos + 3)
+    if ch is None or body[pos : pos + 2] != _KEY_D or pos + 3 > len(body):
+        return None
+    width = _BIN_SIZES.get(body[pos + 2])
+    if width is None:
+        return None
+    start = pos + 3 + width
+    if int.from_bytes(body[pos + 3 : start], "big") != len(body) - start:
+        return None  # a payload that is not the rest of the body: let msgpack say why
+    return Data(id, ch, body[start:].toreadonly())
+
+
+def _uint_at(body: memoryview, pos: int) -> tuple[int | None, int]:
+    """The msgpack unsigned integer at ``pos`` and the position after it."""
+    if pos >= len(body):
+        return None, pos
+    first = body[pos]
+    if first < 0x80:
+        return first, pos + 1
+    width = _UINT_SIZES.get(first)
+    if width is None or pos + 1 + width > len(body):
+        return None, pos
+    return int.from_bytes(body[pos + 1 : pos + 1 + width], "big"), pos + 1 + width

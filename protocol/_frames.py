@@ -95,12 +95,16 @@ class Started(Frame):
 
 @dataclass(frozen=True, slots=True)
 class Data(Frame):
-    """Bytes on one channel of one child. May be empty; an empty frame is not EOF."""
+    """Bytes on one channel of one child. May be empty; an empty frame is not EOF.
+
+    ``data`` is bytes, except in frames from a :class:`ZeroCopyFrameDecoder` (or a
+    connection made with ``zero_copy=True``): there it is a read-only memoryview of the
+    decoder's buffer, which the receiver should drop once it has used it."""
 
     TYPE: ClassVar[str] = "data"
     id: int
     ch: int
-    data: bytes
+    data: bytes | memoryview
 
 
 @dataclass(frozen=True, slots=True)

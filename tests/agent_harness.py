@@ -222,13 +222,14 @@ class Raw:
 
     def _on_data(self, frame: Data) -> None:
         kid = self.kids[frame.id]
-        size = len(frame.data)
+        data = bytes(frame.data)  # the same object: this connection does not borrow
+        size = len(data)
         kid.count[frame.ch] = kid.count.get(frame.ch, 0) + size
-        kid.nonzero[frame.ch] = kid.nonzero.get(frame.ch, 0) + size - frame.data.count(0)
+        kid.nonzero[frame.ch] = kid.nonzero.get(frame.ch, 0) + size - data.count(0)
         if kid.keep:
-            kid.out.setdefault(frame.ch, bytearray()).extend(frame.data)
+            kid.out.setdefault(frame.ch, bytearray()).extend(data)
         if kid.sink is not None:
-            kid.sink(frame.ch, frame.data)
+            kid.sink(frame.ch, data)
         if size and not kid.hold and not self.hold_all and not kid.closing:
             self._queue(self.conn.send(Window(frame.id, frame.ch, size)))
 

@@ -1242,3 +1242,38 @@ def test_controller_data_after_its_close_is_rejected_by_the_agent() -> None:
         assert (exc.kind, exc.id, exc.ref) == (ErrorKind.CHANNEL_CLOSED, 4, frame.TYPE)
         assert exc.message == f"{frame.TYPE} frame: child 4 was closed"
         assert_still_works(agent)
+
+
+# ---------------------------------------------------------------------------- zero copy
+
+
+def test_zero_copy_connection_reads_into_its_own_buffer() -> None:
+    agent = Connection(Role.AGENT, window=AGENT_WINDOW)
+    ctrl = Connection(Role.CONTROLLER, window=CONTROLLER_WINDOW, zero_copy=True)
+    assert deliver(agent, ctrl.initiate()) == [ctrl.our_hello]
+    assert deliver(ctrl, agent.initiate()) == [agent.our_hello]  # copied in
+    assert deliver(agent, ctrl.send(Exec(id=1, argv=(b"prog",)))) == [Exec(id=1, argv=(b"prog",))]
+    stream = agent.send(Started(id=1, pid=5))
+    stream += agent.send_data(1, 1, b"out" * 1000) + b"out" * 1000
+    stream += agent.send(Exit(id=1, code=0))
+    frames: list[Frame] = []
+    for start in range(0, len(stream), 700):  # reads of 700 bytes, as a transport would
+        with ctrl.get_buffer() as space:
+            chunk = stream[start : start + 700]
+            space[: len(chunk)] = chunk
+        ctrl.buffer_updated(len(chunk))
+        frames += drain(ctrl)
+    assert frames == [Started(id=1, pid=5), Data(id=1, ch=1, data=b"out" * 1000),
+                      Exit(id=1, code=0)]
+    payload = frames[1].data  # type: ignore[attr-defined]
+    assert isinstance(payload, memoryview)
+    assert ctrl.bytes_received(1, 1) == 3000
+    ctrl.buffer_updated(0)  # end of stream
+    assert ctrl.next_event() is CONNECTION_CLOSED
+
+
+def test_get_buffer_needs_a_zero_copy_connection() -> None:
+    conn = Connection(Role.CONTROLLER)
+    with pytest.raises(TypeError, match="zero_copy=True"):
+        conn.get_buffer()
+    assert conn.pinned_bytes == 0
