@@ -14,8 +14,8 @@ import fcntl
 import os
 import stat
 import sys
-from collections.abc import Sequence
-from typing import Final, Protocol
+from collections.abc import Callable, Sequence
+from typing import Final, Protocol, TypeVar
 
 import trio
 
@@ -30,6 +30,7 @@ _F_SETPIPE_SZ: Final = 1031  # Linux; not in Python 3.11's fcntl module
 _IOV_MAX: Final = 1024
 
 Buffer = bytes | bytearray | memoryview
+_T = TypeVar("_T")
 
 
 class Transport(Protocol):
@@ -38,6 +39,11 @@ class Transport(Protocol):
 
         Raises :class:`trio.BrokenResourceError` when the stream failed.
         """
+        ...
+
+    async def receive_into(self, buffer: memoryview) -> int:
+        """Like :meth:`receive`, into ``buffer``: the number of bytes written at its
+        start, 0 once the stream has ended."""
         ...
 
     async def send_all(self, buffers: Sequence[Buffer]) -> None:
@@ -82,13 +88,19 @@ class FdTransport:
         self.can_splice = hasattr(os, "splice")
 
     async def receive(self) -> bytes:
+        return await self._read(lambda: os.read(self._read_fd, RECEIVE_SIZE))
+
+    async def receive_into(self, buffer: memoryview) -> int:
+        return await self._read(lambda: os.readv(self._read_fd, (buffer,)))
+
+    async def _read(self, read: Callable[[], _T]) -> _T:
         if self._closed:
             raise trio.ClosedResourceError("transport is closed")
         await trio.lowlevel.checkpoint_if_cancelled()
         waited = False
         while True:
             try:
-                data = os.read(self._read_fd, RECEIVE_SIZE)
+                data = read()
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(self._read_fd)
                 waited = True
@@ -178,6 +190,11 @@ class StreamTransport:
 
     async def receive(self) -> bytes:
         return bytes(await self._receive_stream.receive_some(RECEIVE_SIZE))
+
+    async def receive_into(self, buffer: memoryview) -> int:
+        data = await self._receive_stream.receive_some(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
 
     async def send_all(self, buffers: Sequence[Buffer]) -> None:
         await self._send_stream.send_all(b"".join(buffers))

@@ -217,7 +217,12 @@ async def receive_frames(
     Use it inside ``contextlib.aclosing`` when the loop may be left early.
     """
     while True:
-        conn.receive_data(await transport.receive())
+        if conn.zero_copy:
+            with conn.get_buffer() as buffer:
+                received = await transport.receive_into(buffer)
+            conn.buffer_updated(received)
+        else:
+            conn.receive_data(await transport.receive())
         while True:
             try:
                 event = conn.next_event()

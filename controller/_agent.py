@@ -52,6 +52,10 @@ agent_logger = logging.getLogger("mproxy.agent")
 #: full (~570 → ~800 MB/s on a 2-core machine); the cost is that much unread output a
 #: stream may buffer here, in this process.
 RECEIVE_WINDOW: Final = 4 << 20
+#: Receive-buffer memory that buffered output may pin beyond twice its own size, and
+#: how often (in bytes of output received) that is checked.
+_PIN_SLACK: Final = 8 << 20
+_PIN_CHECK_EVERY: Final = 2 << 20
 _LOG_LEVELS: Final = {"debug": logging.DEBUG, "info": logging.INFO,
                       "warning": logging.WARNING, "error": logging.ERROR}
 StrOrBytes = str | bytes
@@ -67,7 +71,7 @@ class Agent:
     def __init__(self, transport: Transport, *, window: int, max_frame: int) -> None:
         self.conn = Connection(
             Role.CONTROLLER, max_frame_size=max_frame, window=window,
-            impl="mproxy-controller", impl_version=__version__,
+            impl="mproxy-controller", impl_version=__version__, zero_copy=True,
         )
         self.transport = transport
         self.writer = FrameWriter(transport)
@@ -80,6 +84,7 @@ class Agent:
         self._goodbye = trio.Event()
         self._pings: dict[int, trio.Event] = {}
         self._ping_ids = itertools.count(1)
+        self._received_since_check = 0
 
     @property
     def info(self) -> Hello:
@@ -106,6 +111,20 @@ class Agent:
                 event.set()
             for process in self.processes.values():
                 process._on_lost()
+
+    def _limit_pinned(self) -> None:
+        """Bound the memory that buffered output keeps alive. Each buffered payload is a
+        view that pins its whole receive buffer (2 MiB); when the pinned buffers exceed
+        twice the bytes the views hold plus 8 MiB (small outputs of many children left
+        unread), every process copies its views out, which frees the buffers."""
+        self._received_since_check = 0
+        pinned = self.conn.pinned_bytes
+        if pinned <= _PIN_SLACK:
+            return
+        incoming = [i for p in self.processes.values() for i in p._outputs.values()]
+        if pinned > 2 * sum(i.buffered_views() for i in incoming) + _PIN_SLACK:
+            for each in incoming:
+                each.copy_out()
 
     async def _write_loop(self) -> None:
         try:
@@ -134,6 +153,9 @@ class Agent:
     def _dispatch(self, frame: Frame) -> None:
         if isinstance(frame, Data):
             self.processes[frame.id]._on_data(frame.ch, frame.data)
+            self._received_since_check += len(frame.data)
+            if self._received_since_check >= _PIN_CHECK_EVERY:
+                self._limit_pinned()
         elif isinstance(frame, Window):
             self.processes[frame.id].credit_lot.unpark_all()
         elif isinstance(frame, Eof):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import trio
 
@@ -14,6 +14,12 @@ if TYPE_CHECKING:
     from ._process import RemoteProcess
 
 __all__ = ["RemoteFdStream", "RemoteReceiveStream", "RemoteSendStream"]
+
+#: Most bytes ``receive_some()`` returns without ``max_bytes``. Each read copies that
+#: much out of the receive buffers into new bytes; glibc serves up to 128 KiB from
+#: memory it keeps, while larger blocks come and go from the OS (measured: ~90,000 page
+#: faults per GiB read in 512 KiB pieces, ~400 in 128 KiB ones).
+DEFAULT_RECEIVE_SIZE: Final = 1 << 17
 
 
 class _Outgoing:
@@ -75,25 +81,38 @@ class _Outgoing:
 
 
 class _Incoming:
-    """Child → controller on one channel: buffers what arrived, grants credit as read."""
+    """Child → controller on one channel: buffers what arrived, grants credit as read.
+
+    Payloads arrive as views of the connection's receive buffers (zero copy) and are
+    copied into the bytes a reader gets only when it reads them: the buffered window
+    lives in a few reused buffers instead of fresh allocations that the allocator hands
+    back to the OS and faults in again (measured: ~100,000 page faults per GiB)."""
 
     def __init__(self, agent: Agent, process: RemoteProcess, ch: int) -> None:
         self._agent = agent
         self._process = process
         self._ch = ch
-        self._chunks: deque[bytes] = deque()
+        self._chunks: deque[bytes | memoryview] = deque()
         self.eof = False
         self._consumed = 0
         self._lot = trio.lowlevel.ParkingLot()
         self._busy = False
         self.discard = False  # nobody will read: grant credit on arrival
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | memoryview) -> None:
         if self.discard:
             self._grant(len(data))
         elif data:
             self._chunks.append(data)
             self._lot.unpark_all()
+
+    def buffered_views(self) -> int:
+        """Bytes buffered as views of the connection's receive buffers."""
+        return sum(len(c) for c in self._chunks if isinstance(c, memoryview))
+
+    def copy_out(self) -> None:
+        """Turn the buffered views into bytes, unpinning the receive buffers."""
+        self._chunks = deque(bytes(c) for c in self._chunks)
 
     def feed_eof(self) -> None:
         self.eof = True
@@ -104,7 +123,7 @@ class _Incoming:
 
     def take_buffered(self) -> list[bytes]:
         """Remove and return what has arrived and not been read."""
-        chunks = list(self._chunks)
+        chunks = [bytes(c) for c in self._chunks]
         self._chunks.clear()
         self._grant(sum(map(len, chunks)))
         return chunks
@@ -143,12 +162,15 @@ class _Incoming:
                 await self._lot.park()
                 parked = True
             head = self._chunks[0]
-            if max_bytes is None or max_bytes >= len(head):
+            if max_bytes is None:
+                max_bytes = DEFAULT_RECEIVE_SIZE
+            if max_bytes >= len(head):
                 self._chunks.popleft()
-                result = head
+                result = bytes(head)  # bytes are returned as they are, views copied
             else:
-                result = head[:max_bytes]
+                result = bytes(head[:max_bytes])
                 self._chunks[0] = head[max_bytes:]
+            del head  # the view's buffer can be reused from now on
             self._grant(len(result))
             if not parked:
                 await trio.lowlevel.cancel_shielded_checkpoint()

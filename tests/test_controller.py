@@ -126,11 +126,39 @@ async def test_large_stream_through_cat_is_byte_exact(any_agent: controller.Agen
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(feed)
                 while chunk := await proc.stdout.receive_some():
+                    # bytes, like trio's streams, and at most 128 KiB: larger fresh
+                    # blocks would cost page faults (see DEFAULT_RECEIVE_SIZE)
+                    assert type(chunk) is bytes and len(chunk) <= 128 << 10
                     received.update(chunk)
                     total += len(chunk)
             assert await proc.wait() == 0
     assert total == size
     assert received.hexdigest() == sent.hexdigest()
+
+
+async def test_unread_small_outputs_do_not_pin_receive_buffers(
+    any_agent: controller.Agent,
+) -> None:
+    # Output waits, unread, as views of the connection's 2 MiB receive buffers. Twelve
+    # children whose few bytes sit in twelve different buffers (bulk output read in
+    # between moves the reading on) would pin 24 MiB; the controller copies such output
+    # out so that at most 8 MiB beyond twice what is buffered stays pinned.
+    with trio.fail_after(60):
+        async with contextlib.AsyncExitStack() as stack:
+            quiet = []
+            for i in range(12):
+                proc = await stack.enter_async_context(await any_agent.open_process(
+                    ["sh", "-c", f"echo small{i}; exec sleep 60"]))
+                child = proc.id
+                await wait_until(lambda: any_agent.conn.bytes_received(child, 1) > 0,  # noqa: B023
+                                 what=f"the output of child {i}")
+                quiet.append(proc)
+                bulk = await any_agent.run_process(["head", "-c", str(3 << 20), "/dev/zero"],
+                                                   capture_stdout=True)
+                assert bulk.stdout == bytes(3 << 20)
+                assert any_agent.conn.pinned_bytes <= (8 << 20) + (2 << 20)
+            for i, proc in enumerate(quiet):
+                assert await proc.stdout.receive_some() == f"small{i}\n".encode()
 
 
 async def test_run_process_pipes_stdin_and_captures(any_agent: controller.Agent) -> None:
