@@ -253,7 +253,8 @@ class ZeroCopyFrameDecoder:
         else:
             self._slab = bytearray(size)
             self.slabs_allocated += 1
-        self._slab[:pending] = old[self._pos : self._fill]
+        with memoryview(old) as view:
+            self._slab[:pending] = view[self._pos : self._fill]
         self._pos, self._fill = 0, pending
         (pinned if _in_use(old) else spares).append(old)
         self._retired = pinned + spares[-_SPARE_SLABS:]
