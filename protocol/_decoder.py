@@ -138,6 +138,7 @@ def _decode_frame(body_view: memoryview, length: int) -> Frame:
 # ZeroCopyFrameDecoder's slabs: this large, or one frame's size when that is larger.
 # get_buffer offers at least 1/32 of it (64 KiB), so reads stay large.
 _SLAB_SIZE: Final = 1 << 21
+_FIRST_SLAB_SIZE: Final = 1 << 16
 # Free slabs kept for reuse; more are left to the garbage collector.
 _SPARE_SLABS: Final = 2
 
@@ -152,18 +153,21 @@ class ZeroCopyFrameDecoder:
     into: no copy, and no fresh allocation per frame. Every other frame, and a data frame
     laid out otherwise, is decoded as by :class:`FrameDecoder` (its bin fields copied).
 
-    Buffers ("slabs", 2 MiB or one frame if larger) are reused once no payload view of
-    them is alive. A view pins its whole slab, so a consumer that keeps payloads for long
-    should copy them (``bytes(view)``) and drop the view; one that consumes them soon
-    should just drop (or release) each view once done, and the same few slabs serve
-    the whole stream. Errors and ``max_frame_size`` are as for :class:`FrameDecoder`.
+    Buffers ("slabs") start at 64 KiB and double with each change of slab up to 2 MiB
+    (or one frame, if larger); they are reused once no payload view of them is alive,
+    and two spares are kept. A view pins its whole slab, so a consumer that keeps
+    payloads for long should copy them (``bytes(view)``) and drop the view; one that
+    consumes them soon should just drop (or release) each view once done, and the same
+    few slabs serve the whole stream. Errors and ``max_frame_size`` are as for
+    :class:`FrameDecoder`.
     """
 
     def __init__(self, max_frame_size: int, *, slab_size: int = _SLAB_SIZE) -> None:
         self.max_frame_size = max_frame_size
         self._slab_size = slab_size
         self._min_space = max(1, slab_size // 32)
-        self._slab = bytearray(slab_size)
+        # Small at first: many connections that carry little should not hold 2 MiB each.
+        self._slab = bytearray(min(slab_size, _FIRST_SLAB_SIZE))
         self._pos = 0  # start of the first frame not yet returned
         self._fill = 0  # end of the bytes written into the slab
         # Slabs left behind: those payload views still pin, and a few free spares.
@@ -175,6 +179,11 @@ class ZeroCopyFrameDecoder:
     def buffered(self) -> int:
         """Bytes received but not yet returned as frames."""
         return self._fill - self._pos
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of all the slabs the decoder holds: current, spare and pinned."""
+        return len(self._slab) + sum(map(len, self._retired))
 
     @property
     def pinned_bytes(self) -> int:
@@ -244,8 +253,12 @@ class ZeroCopyFrameDecoder:
         old = self._slab
         pinned = [slab for slab in self._retired if _in_use(slab)]
         spares = [slab for slab in self._retired if not _in_use(slab)]
-        # Doubling when a slab must grow keeps feeding one huge chunk linear.
-        size = max(self._slab_size, 2 * (pending + needed) if pending else needed)
+        # Doubling: an idle connection keeps a small slab, a busy one soon has full-size
+        # ones; what must grow beyond that gets room to grow (feeding one huge chunk
+        # stays linear).
+        size = min(2 * len(old), self._slab_size)
+        if pending + needed > size:
+            size = 2 * (pending + needed)
         fits = [slab for slab in spares if len(slab) >= size]
         if fits:
             self._slab = fits[0]
@@ -257,7 +270,8 @@ class ZeroCopyFrameDecoder:
             self._slab[:pending] = view[self._pos : self._fill]
         self._pos, self._fill = 0, pending
         (pinned if _in_use(old) else spares).append(old)
-        self._retired = pinned + spares[-_SPARE_SLABS:]
+        spares.sort(key=len, reverse=True)  # keep the largest: small ones are outgrown
+        self._retired = pinned + spares[:_SPARE_SLABS]
 
 
 def _in_use(slab: bytearray) -> bool:

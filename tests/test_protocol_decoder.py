@@ -731,6 +731,7 @@ def test_zero_copy_held_payload_survives_later_traffic() -> None:
 
 def test_zero_copy_reuses_its_slabs() -> None:
     decoder = ZeroCopyFrameDecoder(4 << 20)
+    assert decoder.held_bytes == 64 << 10  # small until traffic needs more
     frame = encode(Data(id=1, ch=1, data=b"z" * 524_288))
     total = 0
     for _ in range(400):  # 200 MiB, payloads dropped as they come
@@ -740,6 +741,7 @@ def test_zero_copy_reuses_its_slabs() -> None:
     assert total == 400 * 524_288
     assert decoder.slabs_allocated <= 3
     assert decoder.pinned_bytes == 0
+    assert decoder.held_bytes <= 3 * (2 << 20)  # the current slab and two spares
 
 
 def test_zero_copy_frame_larger_than_a_slab() -> None:
