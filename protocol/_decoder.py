@@ -76,7 +76,14 @@ class FrameDecoder:
             return None
         try:
             with memoryview(buf) as view:
-                return _decode_frame(view[start + HEADER_SIZE : end], length)
+                body = view[start + HEADER_SIZE : end]
+                layout = _data_layout(body)
+                if layout is not None:
+                    id, ch, payload = layout
+                    data = bytes(body[payload:])
+                    body.release()
+                    return Data(id, ch, data)
+                return _decode_frame(body, length)
         finally:
             # Consumed even when it was bad: decoding goes on after a non-fatal error.
             self._pos = end
@@ -234,9 +241,10 @@ class ZeroCopyFrameDecoder:
         try:
             with memoryview(self._slab) as view:
                 body = view[start + HEADER_SIZE : end]
-                data = _borrowed_data(body)
-                if data is not None:
-                    return data
+                layout = _data_layout(body)
+                if layout is not None:
+                    id, ch, payload = layout
+                    return Data(id, ch, body[payload:].toreadonly())
                 return _decode_frame(body, length)
         finally:
             self._pos = end  # consumed even when bad: decoding goes on after non-fatal errors
@@ -293,9 +301,11 @@ _UINT_SIZES: Final = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
 _BIN_SIZES: Final = {0xC4: 1, 0xC5: 2, 0xC6: 4}
 
 
-def _borrowed_data(body: memoryview) -> Data | None:
-    """A data frame in the canonical layout, its payload a read-only view of ``body``;
-    None for anything else (the caller decodes it in full)."""
+def _data_layout(body: memoryview) -> tuple[int, int, int] | None:
+    """(id, ch, offset of the payload) of a data frame in the canonical layout, whose
+    payload is the rest of ``body``; None for anything else (decode it in full). Parsing
+    the layout directly is several times faster than unpacking a map and checking its
+    fields, and data frames are most of the stream."""
     if body[: len(_DATA_PREFIX)] != _DATA_PREFIX:
         return None
     id, pos = _uint_at(body, len(_DATA_PREFIX))
@@ -310,7 +320,7 @@ def _borrowed_data(body: memoryview) -> Data | None:
     start = pos + 3 + width
     if int.from_bytes(body[pos + 3 : start], "big") != len(body) - start:
         return None  # a payload that is not the rest of the body: let msgpack say why
-    return Data(id, ch, body[start:].toreadonly())
+    return id, ch, start
 
 
 def _uint_at(body: memoryview, pos: int) -> tuple[int | None, int]:
