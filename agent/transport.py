@@ -86,18 +86,30 @@ class FdTransport:
             _make_nonblocking(fd)
         self._closed = False
         self.can_splice = hasattr(os, "splice")
+        # After a read that took less than asked for, the fd was drained: the next read
+        # waits for readiness first instead of trying and failing with EAGAIN (a syscall
+        # and an exception per message). Regular files cannot be waited for.
+        self._wait_first = False
+        self._pollable = not stat.S_ISREG(os.fstat(read_fd).st_mode)
 
     async def receive(self) -> bytes:
-        return await self._read(lambda: os.read(self._read_fd, RECEIVE_SIZE))
+        data = await self._read(lambda: os.read(self._read_fd, RECEIVE_SIZE))
+        self._wait_first = self._pollable and 0 < len(data) < RECEIVE_SIZE
+        return data
 
     async def receive_into(self, buffer: memoryview) -> int:
-        return await self._read(lambda: os.readv(self._read_fd, (buffer,)))
+        received = await self._read(lambda: os.readv(self._read_fd, (buffer,)))
+        self._wait_first = self._pollable and 0 < received < len(buffer)
+        return received
 
     async def _read(self, read: Callable[[], _T]) -> _T:
         if self._closed:
             raise trio.ClosedResourceError("transport is closed")
-        await trio.lowlevel.checkpoint_if_cancelled()
-        waited = False
+        waited = self._wait_first
+        if waited:
+            await trio.lowlevel.wait_readable(self._read_fd)
+        else:
+            await trio.lowlevel.checkpoint_if_cancelled()
         while True:
             try:
                 data = read()

@@ -15,7 +15,20 @@ import trio
 from agent_harness import AGENT_ARGV, spawned
 
 import agent
-from protocol import Close, Goodbye, Log, Shutdown
+from protocol import (
+    DEFAULT_MAX_FRAME,
+    Close,
+    Connection,
+    FrameDecoder,
+    Goodbye,
+    Hello,
+    Log,
+    Ping,
+    Pong,
+    Role,
+    Shutdown,
+    encode,
+)
 
 _O_CLOEXEC = 0o2000000
 
@@ -58,6 +71,23 @@ async def test_python_m_agent_speaks_the_protocol() -> None:
         await raw.wait(lambda: raw.goodbye, 10, "goodbye")
         with trio.fail_after(10):
             assert await agent_process.process.wait() == 0
+
+
+def test_frames_from_a_regular_file(tmp_path: Path) -> None:
+    # Frames replayed from a file: regular files cannot be polled, so the agent reads them
+    # without waiting for readiness, answers, and takes their end for the controller's.
+    ctrl = Connection(Role.CONTROLLER)
+    session = tmp_path / "session"
+    session.write_bytes(ctrl.initiate() + encode(Ping(n=7)) + encode(Ping(n=8)))
+    with session.open("rb") as stdin:
+        result = subprocess.run(AGENT_ARGV, stdin=stdin, capture_output=True, timeout=30,
+                                check=False)
+    assert result.returncode == 0, result.stderr
+    decoder = FrameDecoder(DEFAULT_MAX_FRAME)
+    decoder.feed(result.stdout)
+    frames = list(iter(decoder.next_frame, None))
+    assert isinstance(frames[0], Hello)
+    assert frames[1:] == [Pong(n=7), Pong(n=8)]
 
 
 async def test_console_script_is_installed() -> None:
