@@ -107,6 +107,9 @@ class OutPump:
         # still in the pipe, so nothing else may read the pipe until it is done.
         self._can_splice = agent.transport.can_splice and ch in (1, 2)
         self._splicing = 0
+        # Whether to look (FIONREAD) for bulk output to splice: not while reads find
+        # only small output, as interactive output does; a large read turns it back on.
+        self._look_for_bulk = True
 
     async def run(self) -> None:
         agent, child, conn = self._agent, self._child, self._agent.conn
@@ -124,7 +127,7 @@ class OutPump:
                     continue
                 # Wait for output before taking budget: an idle child must hold none.
                 await trio.lowlevel.wait_readable(fd)
-                if self._can_splice and self._splice(credit):
+                if self._can_splice and self._look_for_bulk and self._splice(credit):
                     continue
                 size = min(credit, READ_CHUNK, conn.max_data_payload)
                 await agent.output_budget.acquire(size)
@@ -142,6 +145,7 @@ class OutPump:
                     continue
                 if not data:
                     break
+                self._look_for_bulk = len(data) >= _SPLICE_MIN
                 self.read_total += len(data)
                 header = conn.send_data(child.id, self.ch, data)
                 if not header:  # the controller closed the child meanwhile
