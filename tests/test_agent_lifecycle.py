@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -31,6 +32,7 @@ from agent_harness import (
 )
 from conftest import children_of, wait_until
 
+from agent import _orphans as agent_orphans
 from protocol import Exec, Goodbye, Shutdown, encode
 
 GRACE = 1.0
@@ -227,6 +229,24 @@ _DOUBLE_FORK = textwrap.dedent("""
         os._exit(0)
     os.wait()
 """)
+
+
+async def test_children_and_their_states_come_from_proc() -> None:
+    # What the agent's SIGCHLD reaper reads instead of scanning every process on the host.
+    sleeper = subprocess.Popen(["sleep", "100"])
+    quitter = subprocess.Popen(["true"])
+    try:
+        children = agent_orphans._children()
+        assert children is not None  # Linux kernels are built with CONFIG_PROC_CHILDREN
+        assert {sleeper.pid, quitter.pid} <= children
+        assert agent_orphans._state(sleeper.pid) in ("S", "R")
+        await wait_until(lambda: agent_orphans._state(quitter.pid) == "Z", 10, "a zombie")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        quitter.wait()
+    assert agent_orphans._state(quitter.pid) == ""
+    assert not {sleeper.pid, quitter.pid} & (agent_orphans._children() or set())
 
 
 async def _orphans(raw: Raw) -> tuple[list[Kid], list[int]]:
