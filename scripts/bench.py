@@ -16,7 +16,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -90,11 +90,13 @@ def _direct_stdout(size: int) -> float:
     return size / (time.perf_counter() - start) / 1e6
 
 
-async def _trio_stdout(size: int) -> float:
-    """MB/s reading the same child through trio's own process pipe."""
+async def _trio_stdout(size: int, prefix: Sequence[str] = ()) -> float:
+    """MB/s reading the same child through trio's own process pipe; ``prefix`` runs it
+    elsewhere (an ssh command line)."""
     start = time.perf_counter()
-    proc = await trio.lowlevel.open_process(["head", "-c", str(size), "/dev/zero"],
-                                            stdout=subprocess.PIPE)
+    argv = [*prefix, f"head -c {size} /dev/zero"] if prefix else [
+        "head", "-c", str(size), "/dev/zero"]
+    proc = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE)
     assert proc.stdout is not None
     total = await _read_all(proc.stdout)
     await proc.wait()
@@ -328,12 +330,7 @@ async def _ssh_figures(args: argparse.Namespace, size: int) -> list[Figure]:
                  "-")
     async with controller.open_agent([*ssh, args.ssh_agent]) as agent:
         for _ in range(args.rounds):
-            start = time.perf_counter()
-            result = await trio.run_process([*ssh, f"head -c {size} /dev/zero"],
-                                            capture_stdout=True)
-            assert len(result.stdout) == size
-            fig.baseline.append(size / (time.perf_counter() - start) / 1e6)
-            del result
+            fig.baseline.append(await _trio_stdout(size, ssh))
             fig.agent.append(await _agent_stdout(agent, size))
             lat.baseline.append(await _rate(lambda: trio.run_process([*ssh, "true"]), 10, 1))
             lat.agent.append(await _rate(lambda: agent.run_process(["/bin/true"]), 100, 1))
