@@ -103,14 +103,16 @@ class FdTransport:
         return received
 
     async def _read(self, read: Callable[[], _T]) -> _T:
-        if self._closed:
-            raise trio.ClosedResourceError("transport is closed")
+        self._check_open()
         waited = self._wait_first
         if waited:
             await trio.lowlevel.wait_readable(self._read_fd)
         else:
             await trio.lowlevel.checkpoint_if_cancelled()
         while True:
+            # Checked after every wait too: a wait that readiness ended before aclose()
+            # closed the fd does not see the close, and the number may be reused by then.
+            self._check_open()
             try:
                 data = read()
             except BlockingIOError:
@@ -125,13 +127,17 @@ class FdTransport:
                 await trio.lowlevel.cancel_shielded_checkpoint()
             return data
 
-    async def send_all(self, buffers: Sequence[Buffer]) -> None:
+    def _check_open(self) -> None:
         if self._closed:
             raise trio.ClosedResourceError("transport is closed")
+
+    async def send_all(self, buffers: Sequence[Buffer]) -> None:
+        self._check_open()
         await trio.lowlevel.checkpoint_if_cancelled()
         pending = [memoryview(b) for b in buffers if len(b)]
         waited = False
         while pending:
+            self._check_open()  # after each wait too (see _read)
             try:
                 written = os.writev(self._write_fd, pending[:_IOV_MAX])
             except BlockingIOError:
@@ -152,9 +158,8 @@ class FdTransport:
             await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def splice_from(self, pipe_fd: int, size: int) -> None:
-        if self._closed:
-            raise trio.ClosedResourceError("transport is closed")
         while size:
+            self._check_open()  # after each wait too (see _read)
             try:
                 moved = os.splice(pipe_fd, self._write_fd, size,
                                   flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
