@@ -53,9 +53,10 @@ agent_logger = logging.getLogger("mproxy.agent")
 #: stream may buffer here, in this process.
 RECEIVE_WINDOW: Final = 4 << 20
 #: Receive-buffer memory that buffered output may pin beyond twice its own size, and
-#: how often (in bytes of output received) that is checked.
+#: how often (in bytes of output received) that is checked: between checks at most one
+#: more buffer can be pinned.
 _PIN_SLACK: Final = 8 << 20
-_PIN_CHECK_EVERY: Final = 2 << 20
+_PIN_CHECK_EVERY: Final = 1 << 20
 _LOG_LEVELS: Final = {"debug": logging.DEBUG, "info": logging.INFO,
                       "warning": logging.WARNING, "error": logging.ERROR}
 StrOrBytes = str | bytes
