@@ -205,8 +205,11 @@ class ZeroCopyFrameDecoder:
         needed = self._min_space
         if self._fill - self._pos >= HEADER_SIZE:
             # The frame in progress must end inside this slab: a view cannot span two.
-            frame_end = self._pos + HEADER_SIZE + unpack_length(self._slab, self._pos)
-            needed = max(needed, frame_end - self._fill)
+            # A length beyond the limit gets no room: next_frame rejects it.
+            length = unpack_length(self._slab, self._pos)
+            if length <= self.max_frame_size:
+                frame_end = self._pos + HEADER_SIZE + length
+                needed = max(needed, frame_end - self._fill)
         if len(self._slab) - self._fill < needed:
             self._move_to_new_slab(needed)
         return memoryview(self._slab)[self._fill :]

@@ -751,6 +751,19 @@ def test_zero_copy_frame_larger_than_a_slab() -> None:
     assert read_through(decoder, b"".join(map(encode, sent)), [65536]) == sent
 
 
+def test_zero_copy_oversized_header_gets_no_buffer_for_its_frame() -> None:
+    # get_buffer sizes the space by the frame in progress: not by a length beyond the
+    # limit, even when called again before next_frame has rejected it.
+    decoder = ZeroCopyFrameDecoder(1 << 20)
+    decoder.feed(b"\xff\xff\xff\xff" + b"x" * 100)
+    with decoder.get_buffer():
+        pass
+    assert decoder.held_bytes < 1 << 20
+    with pytest.raises(RemoteProtocolError) as info:
+        decoder.next_frame()
+    assert info.value.kind is ErrorKind.FRAME_TOO_LARGE and info.value.fatal
+
+
 def test_zero_copy_buffer_updated_beyond_the_buffer() -> None:
     decoder = ZeroCopyFrameDecoder(1 << 20, slab_size=4096)
     with decoder.get_buffer() as space:
