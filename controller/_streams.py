@@ -108,11 +108,11 @@ class _Incoming:
 
     def buffered_views(self) -> int:
         """Bytes buffered as views of the connection's receive buffers."""
-        return sum(len(c) for c in self._chunks if isinstance(c, memoryview))
+        return sum(len(c) for c in self._chunks if _in_receive_buffer(c))
 
     def copy_out(self) -> None:
         """Turn the buffered views into bytes, unpinning the receive buffers."""
-        self._chunks = deque(bytes(c) for c in self._chunks)
+        self._chunks = deque(bytes(c) if _in_receive_buffer(c) else c for c in self._chunks)
 
     def feed_eof(self) -> None:
         self.eof = True
@@ -168,8 +168,10 @@ class _Incoming:
                 self._chunks.popleft()
                 result = bytes(head)  # bytes are returned as they are, views copied
             else:
-                result = bytes(head[:max_bytes])
-                self._chunks[0] = head[max_bytes:]
+                view = memoryview(head)  # slices of it copy nothing, even of bytes
+                result = bytes(view[:max_bytes])
+                self._chunks[0] = view[max_bytes:]
+                del view
             del head  # the view's buffer can be reused from now on
             self._grant(len(result))
             if not parked:
@@ -177,6 +179,12 @@ class _Incoming:
             return result
         finally:
             self._busy = False
+
+
+def _in_receive_buffer(chunk: bytes | memoryview) -> bool:
+    # The connection's receive buffers are bytearrays; a view of bytes is the rest of a
+    # chunk read in part.
+    return isinstance(chunk, memoryview) and isinstance(chunk.obj, bytearray)
 
 
 class RemoteSendStream(trio.abc.SendStream):
