@@ -3,6 +3,8 @@
 Each figure runs baseline and agent alternately for ``--rounds`` rounds (default 3);
 it reports the median with min-max of each, and the median of the per-round ratios,
 so a noisy neighbour slows both sides of a pair rather than skewing the ratio.
+``--instructions`` counts the agent's instructions per operation instead (callgrind):
+no baseline, but the same figure on every run, for comparing two versions of the code.
 """
 
 from __future__ import annotations
@@ -365,6 +367,19 @@ def _print_table(figures: list[Figure]) -> None:
               f"{cell(fig.agent):>22} {ratio:>7}  {fig.target}")
 
 
+def _print_instructions(args: argparse.Namespace) -> None:
+    from _instructions import instruction_counts  # noqa: PLC0415 (needs valgrind)
+
+    counts = instruction_counts(args.quick)
+    if args.json:
+        print(json.dumps({"machine": _machine(),
+                          "instructions": [asdict(count) for count in counts]}, indent=2))
+        return
+    print(f"machine: {_machine()}")
+    for count in counts:
+        print(f"{count.name:40} {count.instructions:>12,} instructions per {count.per}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
@@ -376,7 +391,13 @@ def main() -> int:
     parser.add_argument("--ssh-command", default="ssh", help="ssh argv before DEST")
     parser.add_argument("--ssh-agent", default="mproxy-agent",
                         help="agent command on DEST (default: mproxy-agent)")
+    parser.add_argument("--instructions", action="store_true",
+                        help="instead: the agent's instructions per echo, exec and MiB of "
+                        "stdout, counted by callgrind (repeatable on a noisy machine)")
     args = parser.parse_args()
+    if args.instructions:
+        _print_instructions(args)
+        return 0
     figures = trio.run(bench, args)
     if args.json:
         print(json.dumps({"machine": _machine(), "figures": [f.summary() for f in figures]},

@@ -63,3 +63,15 @@ def test_bench_compares_against_openssh(sshd: SshServer) -> None:
     for figure in ssh_figures:
         assert isinstance(_medians(figure, "baseline"), float)
         assert isinstance(_medians(figure, "agent"), float)
+
+
+def test_instruction_counts_run() -> None:
+    # The callgrind mode (scripts/test installs valgrind where it can): one workload with
+    # tiny counts, so only the machinery is checked, not the figure.
+    done = subprocess.run([*BENCH, "--instructions", "--quick", "--json"],
+                          capture_output=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr.decode()
+    result = json.loads(done.stdout)
+    (count,) = result["instructions"]
+    assert count["per"] == "echo"
+    assert isinstance(count["instructions"], int) and count["instructions"] > 0
