@@ -428,8 +428,8 @@ class Agent:
         frame = child.frame
         if self._unclosed > self.max_children:
             self._spawn_failed(child, ErrorKind.TOO_MANY_CHILDREN, None,
-                               f"exec frame: {self.max_children} children already "
-                               f"running (--max-children)", 126)
+                               f"exec frame: {self.max_children} children not yet "
+                               f"closed (--max-children)", 126)
             self._spawn_done(child)
             return None
         try:

@@ -83,12 +83,8 @@ def _children() -> set[int] | None:
 
 def _state(pid: int) -> str:
     """The state letter of process ``pid``; "" when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return ""
-    return stat[stat.rfind(b")") + 2 :].split(maxsplit=1)[0].decode()
+    fields = _stat_fields(pid)
+    return fields[0].decode() if fields else ""
 
 
 def _proc_stats() -> list[tuple[int, str, int, int]]:
@@ -101,16 +97,22 @@ def _proc_stats() -> list[tuple[int, str, int, int]]:
     for entry in entries:
         if not entry.isdigit():
             continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue  # gone meanwhile
-        # "pid (comm) state ppid pgrp ...": comm may contain spaces and parentheses.
-        fields = stat[stat.rfind(b")") + 2 :].split()
-        if len(fields) >= 3:
+        fields = _stat_fields(entry)
+        if fields is not None and len(fields) >= 3:  # None: gone meanwhile
             rows.append((int(entry), fields[0].decode(), int(fields[1]), int(fields[2])))
     return rows
+
+
+def _stat_fields(pid: int | str) -> list[bytes] | None:
+    """The fields of /proc/PID/stat after the command name (state, ppid, pgrp, ...);
+    None when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # "pid (comm) state ppid pgrp ...": comm may contain spaces and parentheses.
+    return stat[stat.rfind(b")") + 2 :].split()
 
 
 def groups_alive(pgids: set[int]) -> set[int]:

@@ -35,7 +35,7 @@ async def test_a_read_woken_just_before_aclose_sees_the_close() -> None:
                 nursery.start_soon(reader)
                 await trio.testing.wait_all_tasks_blocked()
                 os.write(feed_fd, b"x")
-                await trio.sleep(0)  # the poll that wakes the reader ends this round
+                await trio.lowlevel.checkpoint()  # the poll that wakes the reader ends this round
                 await transport.aclose()
             os.close(feed_fd)
             os.close(other_r)
