@@ -1,7 +1,8 @@
 """Byte transports under a protocol connection, shared by the agent and the controller.
 
 A transport moves bytes and nothing else: ``receive()`` returns the next chunk (``b""``
-at end of stream) and ``send_all(buffers)`` writes a list of buffers in order. The fd
+at end of stream), ``receive_into(buffer)`` puts it in the caller's buffer (a zero-copy
+connection's), and ``send_all(buffers)`` writes a list of buffers in order. The fd
 transport writes with ``os.writev`` so a data frame's payload goes from the pipe it was
 read from to the peer without being copied into a frame.
 """
