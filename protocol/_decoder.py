@@ -256,33 +256,40 @@ class ZeroCopyFrameDecoder:
         """Continue in a slab with ``needed`` bytes free after the unreturned bytes,
         which are copied over (at most one frame; usually a few bytes)."""
         pending = self._fill - self._pos
-        if not _in_use(self._slab) and len(self._slab) >= pending + needed:
-            # Nothing points into this slab: shift the pending bytes to its front.
-            self._slab[:pending] = self._slab[self._pos : self._fill]
-            self._pos, self._fill = 0, pending
-            return
         old = self._slab
-        pinned = [slab for slab in self._retired if _in_use(slab)]
-        spares = [slab for slab in self._retired if not _in_use(slab)]
+        if not _in_use(old) and len(old) >= pending + needed:
+            # Nothing points into this slab: shift the pending bytes to its front (through
+            # a copy: the two ranges may overlap).
+            old[:pending] = old[self._pos : self._fill]
+        else:
+            self._slab = self._next_slab(old, pending + needed)
+            with memoryview(old) as view:
+                self._slab[:pending] = view[self._pos : self._fill]
+        self._pos, self._fill = 0, pending
+
+    def _next_slab(self, old: bytearray, needed: int) -> bytearray:
+        """A free slab with room for ``needed`` bytes, reused or new; ``old`` is retired."""
+        pinned: list[bytearray] = []
+        spares: list[bytearray] = []
+        for slab in self._retired:
+            (pinned if _in_use(slab) else spares).append(slab)
         # Doubling: an idle connection keeps a small slab, a busy one soon has full-size
         # ones; what must grow beyond that gets room to grow (feeding one huge chunk
         # stays linear).
         size = min(2 * len(old), self._slab_size)
-        if pending + needed > size:
-            size = 2 * (pending + needed)
+        if needed > size:
+            size = 2 * needed
         fits = [slab for slab in spares if len(slab) >= size]
         if fits:
-            self._slab = fits[0]
-            spares.remove(fits[0])
+            slab = fits[0]
+            spares.remove(slab)
         else:
-            self._slab = bytearray(size)
+            slab = bytearray(size)
             self.slabs_allocated += 1
-        with memoryview(old) as view:
-            self._slab[:pending] = view[self._pos : self._fill]
-        self._pos, self._fill = 0, pending
         (pinned if _in_use(old) else spares).append(old)
         spares.sort(key=len, reverse=True)  # keep the largest: small ones are outgrown
         self._retired = pinned + spares[:_SPARE_SLABS]
+        return slab
 
 
 def _in_use(slab: bytearray) -> bool:
