@@ -1,8 +1,8 @@
 """Byte transports under a protocol connection, shared by the agent and the controller.
 
-A transport moves bytes and nothing else: ``receive()`` returns the next chunk (``b""``
-at end of stream), ``receive_into(buffer)`` puts it in the caller's buffer (a zero-copy
-connection's), and ``send_all(buffers)`` writes a list of buffers in order. The fd
+A transport moves bytes and nothing else: ``receive_into(buffer)`` puts the next chunk in
+the caller's buffer (a zero-copy connection's, or one reused buffer) and returns its
+size, 0 at end of stream; ``send_all(buffers)`` writes a list of buffers in order. The fd
 transport writes with ``os.writev`` so a data frame's payload goes from the pipe it was
 read from to the peer without being copied into a frame.
 """
@@ -15,15 +15,13 @@ import fcntl
 import os
 import stat
 import sys
-from collections.abc import Callable, Sequence
-from typing import Final, Protocol, TypeVar
+from collections.abc import Sequence
+from typing import Final, Protocol
 
 import trio
 
-__all__ = ["RECEIVE_SIZE", "FdTransport", "StreamTransport", "Transport", "enlarge_pipe"]
+__all__ = ["FdTransport", "StreamTransport", "Transport", "enlarge_pipe"]
 
-#: Largest chunk one ``receive()`` returns.
-RECEIVE_SIZE: Final = 1 << 20
 #: Pipe buffer size asked for by enlarge_pipe (Linux's default pipe-max-size).
 PIPE_SIZE: Final = 1 << 20
 _F_SETPIPE_SZ: Final = 1031  # Linux; not in Python 3.11's fcntl module
@@ -31,20 +29,15 @@ _F_SETPIPE_SZ: Final = 1031  # Linux; not in Python 3.11's fcntl module
 _IOV_MAX: Final = 1024
 
 Buffer = bytes | bytearray | memoryview
-_T = TypeVar("_T")
 
 
 class Transport(Protocol):
-    async def receive(self) -> bytes:
-        """The next bytes from the peer; ``b""`` once the stream has ended.
+    async def receive_into(self, buffer: memoryview) -> int:
+        """Put the next bytes from the peer at the start of ``buffer``; their number, 0
+        once the stream has ended.
 
         Raises :class:`trio.BrokenResourceError` when the stream failed.
         """
-        ...
-
-    async def receive_into(self, buffer: memoryview) -> int:
-        """Like :meth:`receive`, into ``buffer``: the number of bytes written at its
-        start, 0 once the stream has ended."""
         ...
 
     async def send_all(self, buffers: Sequence[Buffer]) -> None:
@@ -93,17 +86,7 @@ class FdTransport:
         self._wait_first = False
         self._pollable = not stat.S_ISREG(os.fstat(read_fd).st_mode)
 
-    async def receive(self) -> bytes:
-        data = await self._read(lambda: os.read(self._read_fd, RECEIVE_SIZE))
-        self._wait_first = self._pollable and 0 < len(data) < RECEIVE_SIZE
-        return data
-
     async def receive_into(self, buffer: memoryview) -> int:
-        received = await self._read(lambda: os.readv(self._read_fd, (buffer,)))
-        self._wait_first = self._pollable and 0 < received < len(buffer)
-        return received
-
-    async def _read(self, read: Callable[[], _T]) -> _T:
         self._check_open()
         waited = self._wait_first
         if waited:
@@ -115,7 +98,7 @@ class FdTransport:
             # closed the fd does not see the close, and the number may be reused by then.
             self._check_open()
             try:
-                data = read()
+                received = os.readv(self._read_fd, (buffer,))
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(self._read_fd)
                 waited = True
@@ -126,7 +109,8 @@ class FdTransport:
                 raise
             if not waited:  # a wait is a checkpoint already; each costs a loop round
                 await trio.lowlevel.cancel_shielded_checkpoint()
-            return data
+            self._wait_first = self._pollable and 0 < received < len(buffer)
+            return received
 
     def _check_open(self) -> None:
         if self._closed:
@@ -138,7 +122,7 @@ class FdTransport:
         pending = [memoryview(b) for b in buffers if len(b)]
         waited = False
         while pending:
-            self._check_open()  # after each wait too (see _read)
+            self._check_open()  # after each wait too (see receive_into)
             try:
                 written = os.writev(self._write_fd, pending[:_IOV_MAX])
             except BlockingIOError:
@@ -160,7 +144,7 @@ class FdTransport:
 
     async def splice_from(self, pipe_fd: int, size: int) -> None:
         while size:
-            self._check_open()  # after each wait too (see _read)
+            self._check_open()  # after each wait too (see receive_into)
             try:
                 moved = os.splice(pipe_fd, self._write_fd, size,
                                   flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
@@ -205,9 +189,6 @@ class StreamTransport:
     def __init__(self, send_stream: trio.abc.SendStream, receive_stream: trio.abc.ReceiveStream):
         self._send_stream = send_stream
         self._receive_stream = receive_stream
-
-    async def receive(self) -> bytes:
-        return bytes(await self._receive_stream.receive_some(RECEIVE_SIZE))
 
     async def receive_into(self, buffer: memoryview) -> int:
         data = await self._receive_stream.receive_some(len(buffer))

@@ -24,6 +24,8 @@ __all__ = ["FrameWriter", "receive_frames"]
 # child's data never waits long behind one flood.
 _BATCH_BYTES: Final = 1 << 20
 _BATCH_ITEMS: Final = 256
+# What one read of a copying connection's stream takes at most.
+_RECEIVE_SIZE: Final = 1 << 20
 
 
 class _DataItem:
@@ -216,13 +218,17 @@ async def receive_frames(
     :class:`trio.BrokenResourceError` (or ClosedResourceError) when the transport fails.
     Use it inside ``contextlib.aclosing`` when the loop may be left early.
     """
+    # A copying connection copies what it is given, so one buffer serves every read
+    # (reading into a fresh 1 MiB bytes object maps and unmaps memory for each message).
+    scratch = None if conn.zero_copy else memoryview(bytearray(_RECEIVE_SIZE))
     while True:
-        if conn.zero_copy:
+        if scratch is None:
             with conn.get_buffer() as buffer:
                 received = await transport.receive_into(buffer)
             conn.buffer_updated(received)
         else:
-            conn.receive_data(await transport.receive())
+            received = await transport.receive_into(scratch)
+            conn.receive_data(scratch[:received])
         while True:
             try:
                 event = conn.next_event()

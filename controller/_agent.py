@@ -518,12 +518,18 @@ async def connect(
     The streams are closed either way. No hello within ``handshake_timeout`` seconds
     raises :class:`AgentLost`.
     """
-    if receive_stream is None and hasattr(send_stream, "receive"):
+    if receive_stream is None and hasattr(send_stream, "receive_into"):
         transport: Transport = send_stream  # type: ignore[assignment]
     else:
         receive = receive_stream if receive_stream is not None else send_stream
-        assert isinstance(send_stream, trio.abc.SendStream)
-        assert isinstance(receive, trio.abc.ReceiveStream)
+        if not isinstance(send_stream, trio.abc.SendStream) or not isinstance(
+            receive, trio.abc.ReceiveStream
+        ):
+            raise TypeError(
+                "connect() takes a bidirectional trio stream, a send stream and a receive "
+                f"stream, or a Transport; got {type(send_stream).__name__} and "
+                f"{type(receive_stream).__name__}"
+            )
         transport = StreamTransport(send_stream, receive)
     async with _serve(
         transport, window=window, max_frame=max_frame, handshake_timeout=handshake_timeout

@@ -514,6 +514,12 @@ async def test_no_hello_within_the_handshake_timeout_is_agent_lost() -> None:
             pass
 
 
+async def test_connect_to_something_not_a_stream_is_a_type_error() -> None:
+    with trio.fail_after(10), pytest.raises(TypeError, match="got bytes and NoneType"):
+        async with controller.connect(b"not a stream"):  # type: ignore[arg-type]
+            pass
+
+
 async def test_cancelled_wait_leaves_the_child_running(any_agent: controller.Agent) -> None:
     with trio.fail_after(20):
         async with await any_agent.open_process(["cat"]) as proc:

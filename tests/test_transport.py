@@ -25,7 +25,7 @@ async def test_a_read_woken_just_before_aclose_sees_the_close() -> None:
 
             async def reader(transport: FdTransport = transport) -> None:
                 try:
-                    await transport.receive()
+                    await transport.receive_into(memoryview(bytearray(16)))
                     kind = "data"
                 except trio.ClosedResourceError:
                     kind = "closed"
