@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import array
 import fcntl
+import functools
 import hashlib
 import os
 import termios
@@ -95,6 +96,38 @@ async def test_a_thousand_concurrent_children_each_echo_their_payload() -> None:
             raw.close(k.id)
         await raw.wait(lambda: all(k.closed for k in kids), 60, "every child to be closed")
         assert not raw.errors
+
+
+def _output_is(kid: Kid, size: int) -> bool:
+    return len(kid.output(1)) == size
+
+
+async def test_interactive_messages_map_no_new_memory() -> None:
+    # Each small message through the agent (its stdin frame, the child's reply) must be
+    # read into memory the agent already has. Reading into a fresh large buffer, as
+    # os.read(fd, 256 KiB) does, maps it (glibc's mmap threshold) and faults at least
+    # once per message: 2 faults per echo, which this test sees as ~1000.
+    async with spawned("--grace", "2") as agent:
+        raw = agent.raw
+        kid = raw.exec(["cat"])
+        await raw.started(kid)
+
+        async def echoes(count: int) -> None:
+            size = len(kid.output(1))
+            for _ in range(count):
+                size += 64
+                raw.write_now(kid.id, 0, b"m" * 64)
+                await raw.wait(functools.partial(_output_is, kid, size), 10, "the echo")
+
+        def minor_faults() -> int:
+            fields = stat_fields(agent.pid)
+            assert fields is not None
+            return int(fields[7])
+
+        await echoes(50)  # warm up: the agent's buffers are allocated once
+        before = minor_faults()
+        await echoes(500)
+        assert minor_faults() - before < 100
 
 
 # ---------------------------------------------------------------------------- head-of-line
