@@ -125,7 +125,7 @@ def encode_data_header(id: int, ch: int, length: int) -> bytes:
     return _LENGTH.pack(len(prefix) + length) + prefix
 
 
-def unpack_length(buffer: bytes | bytearray, offset: int = 0) -> int:
+def unpack_length(buffer: bytes | bytearray | memoryview, offset: int = 0) -> int:
     """The body length announced by the 4-byte frame header at ``offset``."""
     (length,) = _LENGTH.unpack_from(buffer, offset)
     return int(length)

@@ -40,10 +40,13 @@ class FrameDecoder:
 
     def __init__(self, max_frame_size: int) -> None:
         self.max_frame_size = max_frame_size
-        # Frames are parsed straight out of the bytes object last fed when the previous
-        # one ended on a frame boundary; only a frame split across feeds is copied into
-        # a bytearray. Large data frames thus cost one copy (into their payload) here.
-        self._buf: bytes | bytearray = b""
+        # Frames are parsed straight out of what was fed last when the previous feed
+        # ended on a frame boundary (the caller's object, not a copy: ``_own`` is False);
+        # only a frame split across feeds is copied into a bytearray of our own. Large
+        # data frames thus cost one copy (into their payload) here, and a caller may read
+        # into one reused buffer.
+        self._buf: bytes | bytearray | memoryview = b""
+        self._own = False
         self._pos = 0
 
     @property
@@ -52,14 +55,19 @@ class FrameDecoder:
         return len(self._buf) - self._pos
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
-        """Append received bytes."""
+        """Append received bytes.
+
+        ``data`` may be parsed in place: the decoder holds on to it until
+        :meth:`next_frame` returns None, so a caller who reuses its buffer changes it
+        only after that (frames returned before then hold no reference to it).
+        """
         if self._pos == len(self._buf):
-            self._buf = data if isinstance(data, bytes) else bytes(data)
+            self._buf = data
+            self._own = False
             self._pos = 0
             return
-        if isinstance(self._buf, bytes):
-            self._buf = bytearray(memoryview(self._buf)[self._pos :])
-            self._pos = 0
+        self._keep_partial()
+        assert isinstance(self._buf, bytearray)
         self._buf += data
 
     def next_frame(self) -> Frame | None:
@@ -68,11 +76,13 @@ class FrameDecoder:
         start = self._pos
         available = len(buf) - start
         if available < HEADER_SIZE:
+            self._keep_partial()
             return None
         length = unpack_length(buf, start)
         _check_length(length, self.max_frame_size)
         end = start + HEADER_SIZE + length
         if len(buf) < end:
+            self._keep_partial()
             return None
         try:
             with memoryview(buf) as view:
@@ -89,10 +99,20 @@ class FrameDecoder:
             self._pos = end
             if end == len(buf):
                 self._buf = b""
+                self._own = False
                 self._pos = 0
-            elif end >= _COMPACT_AT and isinstance(buf, bytearray):
+            elif end >= _COMPACT_AT and self._own:
+                assert isinstance(buf, bytearray)
                 del buf[:end]
                 self._pos = 0
+
+    def _keep_partial(self) -> None:
+        """Copy the unparsed rest of the caller's object into a buffer of our own: once
+        next_frame has returned None, the caller may overwrite what it fed."""
+        if not self._own and self._pos < len(self._buf):
+            self._buf = bytearray(memoryview(self._buf)[self._pos :])
+            self._own = True
+            self._pos = 0
 
 
 def _check_length(length: int, limit: int) -> None:

@@ -247,6 +247,37 @@ def test_random_chunkings(new_decoder: NewDecoder, data: st.DataObject) -> None:
     assert events == EVENTS
 
 
+@SETTINGS
+@given(data=st.data())
+def test_feeding_from_one_reused_buffer(data: st.DataObject) -> None:
+    # The copying decoder parses what it is fed in place, and keeps only a partial
+    # frame: a reader may reuse one buffer, overwriting it once next_frame returned None.
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(STREAM)), max_size=40)))
+    decoder = FrameDecoder(1 << 20)
+    reused = bytearray(len(STREAM))
+    events: list[Event] = []
+    previous = 0
+    for cut in [*cuts, len(STREAM)]:
+        size = cut - previous
+        reused[:size] = STREAM[previous:cut]
+        previous = cut
+        decoder.feed(memoryview(reused)[:size])
+        events += drain(decoder)
+        reused[:] = b"\xee" * len(reused)  # the next read
+    assert events == EVENTS
+
+
+def test_two_feeds_before_draining_keep_the_first_buffer_rest() -> None:
+    decoder = FrameDecoder(1 << 20)
+    first, second = bytearray(STREAM[:1000]), bytearray(STREAM[1000:])
+    decoder.feed(first)
+    decoder.feed(second)  # the first is copied here: its caller may reuse it now
+    first[:] = b"\xee" * len(first)
+    events = drain(decoder)
+    second[:] = b"\xee" * len(second)
+    assert events == EVENTS
+
+
 def test_one_byte_at_a_time(new_decoder: NewDecoder) -> None:
     decoder = new_decoder(1 << 20)
     events: list[Event] = []
