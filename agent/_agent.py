@@ -88,7 +88,8 @@ class ByteBudget:
     def release(self, size: int) -> None:
         if size:
             self.used -= size
-            self._lot.unpark_all()
+            if self._lot:  # unpark_all costs even when nobody is parked
+                self._lot.unpark_all()
 
 
 class Child:
@@ -304,7 +305,9 @@ class Agent:
             else:
                 self._route_input(child, frame)
         elif isinstance(frame, Window):
-            self.children[frame.id].credit_lot.unpark_all()
+            lot = self.children[frame.id].credit_lot
+            if lot:  # unpark_all costs even when nobody is parked
+                lot.unpark_all()
         elif isinstance(frame, Exec):
             self._on_exec(frame)
         elif isinstance(frame, Signal):

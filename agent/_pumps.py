@@ -238,7 +238,8 @@ class OutPump:
             self._in_flight -= 1
             self.written_total += size
             self._agent.output_budget.release(size)
-            self._progress.unpark_all()
+            if self._progress:  # unpark_all costs even when nobody is parked
+                self._progress.unpark_all()
         return written
 
     def drain_target(self) -> int:

@@ -184,7 +184,8 @@ class FrameWriter:
                 for item in batch:
                     if item.on_written is not None:
                         item.on_written()
-                self._written.unpark_all()
+                if self._written:  # unpark_all costs even when nobody is parked
+                    self._written.unpark_all()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self.broken = exc
             self._closed = True

@@ -158,7 +158,9 @@ class Agent:
             if self._received_since_check >= _PIN_CHECK_EVERY:
                 self._limit_pinned()
         elif isinstance(frame, Window):
-            self.processes[frame.id].credit_lot.unpark_all()
+            lot = self.processes[frame.id].credit_lot
+            if lot:  # unpark_all costs even when nobody is parked
+                lot.unpark_all()
         elif isinstance(frame, Eof):
             self.processes[frame.id]._on_eof(frame.ch)
         elif isinstance(frame, Started):

@@ -104,7 +104,8 @@ class _Incoming:
             self._grant(len(data))
         elif data:
             self._chunks.append(data)
-            self._lot.unpark_all()
+            if self._lot:  # unpark_all costs even when nobody is parked
+                self._lot.unpark_all()
 
     def buffered_views(self) -> int:
         """Bytes buffered as views of the connection's receive buffers."""
