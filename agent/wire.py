@@ -219,8 +219,9 @@ async def receive_frames(
     :class:`trio.BrokenResourceError` (or ClosedResourceError) when the transport fails.
     Use it inside ``contextlib.aclosing`` when the loop may be left early.
     """
-    # A copying connection copies what it is given, so one buffer serves every read
-    # (reading into a fresh 1 MiB bytes object maps and unmaps memory for each message).
+    # A copying connection is done with what it was given once it has no more frames
+    # (it copies the payloads and any partial frame), so one buffer serves every read;
+    # reading into a fresh 1 MiB bytes object maps and unmaps memory for each message.
     scratch = None if conn.zero_copy else memoryview(bytearray(_RECEIVE_SIZE))
     while True:
         if scratch is None:
