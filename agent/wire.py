@@ -173,10 +173,13 @@ class FrameWriter:
                         break
                 self._busy = True
                 try:
-                    await self._transport.send_all(buffers)
-                    if splice is not None:
+                    if splice is None:
+                        await self._transport.send_all(buffers)
+                    else:
                         assert splice.splice_fd is not None
-                        await self._transport.splice_from(splice.splice_fd, splice.splice_size)
+                        await self._transport.send_spliced(
+                            buffers, splice.splice_fd, splice.splice_size
+                        )
                 finally:
                     self._busy = False
                     for item in batch:

@@ -6,12 +6,14 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+from collections.abc import Sequence
 
 import pytest
 import trio
 
 import agent
 import controller
+from agent.transport import Buffer
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "splice"), reason="splice is Linux-only")
 
@@ -21,8 +23,8 @@ class _CountingTransport(agent.FdTransport):
 
     spliced = 0
 
-    async def splice_from(self, pipe_fd: int, size: int) -> None:
-        await super().splice_from(pipe_fd, size)
+    async def send_spliced(self, buffers: Sequence[Buffer], pipe_fd: int, size: int) -> None:
+        await super().send_spliced(buffers, pipe_fd, size)
         _CountingTransport.spliced += size
 
 
