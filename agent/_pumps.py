@@ -125,8 +125,9 @@ class OutPump:
         self._splicing = 0
         # Whether the last read found bulk output: then look (FIONREAD) for more to
         # splice and read with a large buffer; not while reads find only small output,
-        # as interactive output does. A read that fills the small buffer turns it on.
-        self._bulk = True
+        # as interactive output does. Off at first (most children write little); a read
+        # that fills the small buffer turns it on.
+        self._bulk = False
 
     async def run(self) -> None:
         agent, child, conn = self._agent, self._child, self._agent.conn
@@ -142,9 +143,15 @@ class OutPump:
                     elif await self._ends_before_credit(fd):
                         break  # eof carries no data: it needs no credit
                     continue
+                # Bulk output usually waits already when the last splice is written:
+                # splice it without a wait, which would cost a scheduling round (the
+                # park for the splice's completion is this iteration's checkpoint).
+                bulk = self._can_splice and self._bulk
+                if bulk and self._splice(credit):
+                    continue
                 # Wait for output before taking budget: an idle child must hold none.
                 await trio.lowlevel.wait_readable(fd)
-                if self._can_splice and self._bulk and self._splice(credit):
+                if bulk and self._splice(credit):
                     continue
                 size = min(credit, READ_CHUNK if self._bulk else _SMALL_READ,
                            conn.max_data_payload)
