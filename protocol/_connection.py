@@ -227,7 +227,10 @@ class Connection:
     # ------------------------------------------------------------------ receiving
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Give the connection bytes read from the peer; ``b""`` means end of stream."""
+        """Give the connection bytes read from the peer; ``b""`` means end of stream.
+
+        They may be parsed in place: a caller that reads into one reused buffer overwrites
+        it only once :meth:`next_event` has returned ``NEED_DATA``."""
         if not data:
             self._eof = True
         else:
