@@ -14,6 +14,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import trio
@@ -22,8 +23,10 @@ from conftest import group_members, proc_stat, wait_until
 
 import agent
 import controller
+from protocol import NEED_DATA, Connection, Exec, Frame, Ping, Pong, Role, Started
 
 GRACE_ARGS = ["--grace", "2"]
+FrameT = TypeVar("FrameT", bound=Frame)
 
 
 @pytest.fixture(params=["local", "inproc"])
@@ -134,6 +137,55 @@ async def test_large_stream_through_cat_is_byte_exact(any_agent: controller.Agen
             assert await proc.wait() == 0
     assert total == size
     assert received.hexdigest() == sent.hexdigest()
+
+
+class _ScriptedAgent:
+    """The agent's side of the protocol played by the test, frame by frame: for what a
+    real agent does only by chance (several data frames waiting unread)."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.conn = Connection(Role.AGENT)
+        self._stream = stream
+
+    async def send(self, frame: Frame) -> None:
+        await self._stream.send_all(self.conn.send(frame))
+
+    async def receive(self, kind: type[FrameT]) -> FrameT:
+        """The next frame of ``kind``; frames of other kinds are skipped."""
+        while True:
+            event = self.conn.next_event()
+            if isinstance(event, kind):
+                return event
+            if event is NEED_DATA:
+                self.conn.receive_data(await self._stream.receive_some())
+
+
+async def test_receive_some_joins_buffered_payloads_up_to_max_bytes() -> None:
+    # Every read is a checkpoint: a stream whose payloads wait in pieces must not cost a
+    # read per piece. Three data frames arrive before the first read.
+    agent_side, controller_side = trio.testing.memory_stream_pair()
+    peer = _ScriptedAgent(agent_side)
+    data_taken_in = trio.Event()
+
+    async def play() -> None:
+        exec_ = await peer.receive(Exec)
+        await peer.send(Started(exec_.id, pid=4242))
+        for part in (b"one", b"two", b"three"):
+            await agent_side.send_all(peer.conn.send_data(exec_.id, 1, part) + part)
+        await peer.send(Ping(7))
+        await peer.receive(Pong)  # answered after the data frames were taken in
+        data_taken_in.set()
+
+    with trio.fail_after(10):
+        await agent_side.send_all(peer.conn.initiate())  # connect() waits for it
+        async with trio.open_nursery() as nursery, controller.connect(controller_side) as ag:
+            nursery.start_soon(play)
+            proc = await ag.open_process(["anything"])
+            await data_taken_in.wait()
+            assert await proc.stdout.receive_some(5) == b"onetw"
+            assert await proc.stdout.receive_some(1) == b"o"
+            assert await proc.stdout.receive_some() == b"three"
+            nursery.cancel_scope.cancel()
 
 
 async def test_unread_small_outputs_do_not_pin_receive_buffers(
