@@ -4,6 +4,8 @@ Public API:
 
 - :func:`serve` — run the agent over a :class:`~agent.transport.Transport` until the
   connection ends; every child is killed and reaped before it returns.
+- :func:`start_guardian` — fork the process that ends the children's groups if the
+  agent is killed outright (SIGKILL, the OOM killer); pass it to :func:`serve`.
 - :mod:`agent.transport` — :class:`FdTransport` (pipes, sockets, stdio) and
   :class:`StreamTransport` (trio streams, e.g. in-memory for tests).
 - :mod:`agent.wire` — frames over a transport (``FrameWriter``, ``receive_frames``),
@@ -19,9 +21,18 @@ from importlib import metadata
 from protocol import DEFAULT_MAX_FRAME, DEFAULT_WINDOW
 
 from ._agent import Agent
+from ._guardian import Guardian, start_guardian
 from .transport import FdTransport, StreamTransport, Transport
 
-__all__ = ["FdTransport", "StreamTransport", "Transport", "__version__", "serve"]
+__all__ = [
+    "FdTransport",
+    "Guardian",
+    "StreamTransport",
+    "Transport",
+    "__version__",
+    "serve",
+    "start_guardian",
+]
 
 try:
     __version__ = metadata.version("mproxy-agent")
@@ -36,6 +47,7 @@ async def serve(
     max_children: int = 10_000,
     log_level: str = "info",
     reap_orphans: bool = False,
+    guardian: Guardian | None = None,
     window: int = DEFAULT_WINDOW,
     max_frame: int = DEFAULT_MAX_FRAME,
 ) -> int:
@@ -47,7 +59,9 @@ async def serve(
     child's process group gets SIGHUP and SIGTERM, SIGKILL after ``grace`` seconds, and
     every child is reaped before this returns. ``reap_orphans`` (for a process that made
     itself a child subreaper) also reaps and kills descendants re-parented to it.
-    The transport is not closed.
+    ``guardian`` (from :func:`start_guardian`, in the agent's own process) is told of
+    every child's process group, so that it ends them if this process is killed
+    outright. The transport is not closed.
     """
     agent = Agent(
         transport,
@@ -55,6 +69,7 @@ async def serve(
         max_children=max_children,
         log_level=log_level,
         reap_orphans=reap_orphans,
+        guardian=guardian,
         window=window,
         max_frame=max_frame,
         version=__version__,

@@ -45,6 +45,7 @@ from protocol import (
 
 from . import _orphans
 from ._env import DEFAULT_POLICY, child_environment
+from ._guardian import Guardian
 from ._process import (
     ExitStatus,
     kill_group,
@@ -95,8 +96,9 @@ class ByteBudget:
 class Child:
     """Everything the agent holds for one child id, from exec until closed."""
 
-    def __init__(self, frame: Exec) -> None:
+    def __init__(self, frame: Exec, guardian: Guardian | None) -> None:
         self.id = frame.id
+        self.guardian = guardian
         self.frame = frame
         self.popen: subprocess.Popen[bytes] | None = None
         self.pid: int | None = None
@@ -138,6 +140,8 @@ class Child:
     def reap(self) -> None:
         """Reap the child once it has ended (never before: see _process)."""
         if self.pid is not None and not self.reaped and self.status is not None:
+            if self.guardian is not None:
+                self.guardian.forget(self.pid)  # before its pgid can be reused
             self.reaped = reap(self.pid)
             if self.popen is not None:
                 # Tell Popen it is done, so its __del__ never waits on a recycled pid.
@@ -161,6 +165,7 @@ class Agent:
         max_children: int = 10_000,
         log_level: str = "info",
         reap_orphans: bool = False,
+        guardian: Guardian | None = None,
         window: int = DEFAULT_WINDOW,
         max_frame: int = DEFAULT_MAX_FRAME,
         version: str = "0",
@@ -185,6 +190,9 @@ class Agent:
         self.max_children = max_children
         self.log_level = _LEVELS[log_level]
         self.reap_orphans = reap_orphans
+        self.guardian = guardian
+        # Our own helper, not an orphan to reap or kill.
+        self._helpers = {guardian.pid} if guardian is not None else set()
         self.exit_status = 0
         self._stop = trio.Event()
         self._stop_reason = ""
@@ -358,7 +366,7 @@ class Agent:
             self.send(Error(kind=ErrorKind.BAD_FRAME, msg=f"config frame: {exc}", ref="config"))
 
     def _on_exec(self, frame: Exec) -> None:
-        child = Child(frame)
+        child = Child(frame, self.guardian)
         self.children[frame.id] = child
         self._unclosed += 1
         prepared = self._prepare(child)
@@ -506,6 +514,12 @@ class Agent:
         child.pid = popen.pid
         child.pidfd = open_pidfd(popen.pid)
         child.pipes = pipes
+        if self.guardian is not None:
+            self.guardian.watch(popen.pid)
+            if self.guardian.failure is not None:
+                self.log("warning", f"{self.guardian.failure}: children will survive if "
+                         "this agent is killed outright")
+                self.guardian = None  # the others' announcements are dropped by it
         for stream in (pipes.stdin, pipes.stdout, pipes.stderr):
             os.set_blocking(stream.fileno(), False)
         for stream in (pipes.stdin, pipes.stdout, pipes.stderr):
@@ -595,14 +609,15 @@ class Agent:
                 await trio.sleep(0.2)  # rate limit: one /proc scan per burst of exits
 
     def _known_pids(self) -> set[int]:
-        return {c.pid for c in self.children.values() if c.pid is not None}
+        return {c.pid for c in self.children.values() if c.pid is not None} | self._helpers
 
     async def _kill_leftovers(self, children: Iterable[Child]) -> None:
         """HUP and TERM every live group (and adopted orphan), KILL after the grace period,
         and reap them all."""
         live = [c for c in children if c.pid is not None and not c.reaped]
         groups = {c.pid for c in live if c.pid is not None}
-        orphans = set(_orphans.adopted(groups)) if self.reap_orphans else set()
+        known = groups | self._helpers
+        orphans = set(_orphans.adopted(known)) if self.reap_orphans else set()
         for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGCONT):
             for pgid in groups:
                 kill_group(pgid, sig)
@@ -613,7 +628,7 @@ class Agent:
             for child in live:
                 await self._wait_exited(child)
             while _orphans.groups_alive(groups) or (
-                self.reap_orphans and _orphans.living_adopted(groups)
+                self.reap_orphans and _orphans.living_adopted(known)
             ):
                 await trio.sleep(_GROUP_POLL)
         for pgid in groups:
@@ -624,7 +639,7 @@ class Agent:
         for child in live:
             child.reap()
         if self.reap_orphans:
-            await self._kill_adopted(groups)
+            await self._kill_adopted(known)
 
     async def _wait_exited(self, child: Child) -> None:
         if child.status is None and child.pid is not None:

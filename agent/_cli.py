@@ -14,6 +14,7 @@ import trio
 import childproc
 
 from . import __version__, _orphans, serve
+from ._guardian import Guardian, start_guardian
 from .transport import FdTransport, enlarge_pipe
 
 __all__ = ["main"]
@@ -77,7 +78,8 @@ def _claim_stdio() -> tuple[int, int]:
 
 
 async def _serve_until_signalled(
-    read_fd: int, write_fd: int, args: argparse.Namespace, reap_orphans: bool
+    read_fd: int, write_fd: int, args: argparse.Namespace, reap_orphans: bool,
+    guardian: Guardian | None,
 ) -> int:
     transport = FdTransport(read_fd, write_fd)
     status = 0
@@ -87,7 +89,7 @@ async def _serve_until_signalled(
             nonlocal status
             status = await serve(
                 transport, grace=args.grace, max_children=args.max_children,
-                log_level=args.log_level, reap_orphans=reap_orphans,
+                log_level=args.log_level, reap_orphans=reap_orphans, guardian=guardian,
             )
             nursery.cancel_scope.cancel()
 
@@ -114,8 +116,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     childproc.mark_inherited_fds_cloexec()
     childproc.raise_fd_limit()
     reap_orphans = _orphans.become_subreaper()
+    # Before any thread exists (trio's run starts some), and before the protocol's fds
+    # are taken: the guardian must hold none of them.
+    guardian = start_guardian(args.grace)
     read_fd, write_fd = _claim_stdio()
     try:
-        return trio.run(_serve_until_signalled, read_fd, write_fd, args, reap_orphans)
+        return trio.run(_serve_until_signalled, read_fd, write_fd, args, reap_orphans,
+                        guardian)
     except KeyboardInterrupt:
         return 130
+    finally:
+        if guardian is not None:
+            guardian.close()

@@ -53,7 +53,8 @@ class _RawAgent:
     def __init__(self, out: Path) -> None:
         self.conn = Connection(Role.CONTROLLER, window=4 * _MiB)
         self.process = subprocess.Popen(
-            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+            # %p: the agent's guardian (a fork, still under callgrind) dumps its own.
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.%p",
              "--dump-instr=no", sys.executable, "-m", "agent"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             cwd=_ROOT, env={**os.environ, "PYTHONHASHSEED": "0"},  # the same dict orders
@@ -173,6 +174,6 @@ def instruction_counts(quick: bool) -> list[Count]:
                 agent = _RawAgent(out)
                 workload(agent, n)
                 agent.finish()
-                totals.append(_total(out))
+                totals.append(_total(out.with_name(f"{out.name}.{agent.process.pid}")))
             counts.append(Count(name, per, (totals[1] - totals[0]) // (large - small)))
     return counts

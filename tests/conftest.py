@@ -75,6 +75,28 @@ def children_of(pid: int) -> dict[int, str]:
     return {p: state for p, (state, ppid, _) in all_procs().items() if ppid == pid}
 
 
+def _cmdline(pid: int) -> bytes | None:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+
+
+def guardian_of(agent_pid: int) -> int | None:
+    """The agent's guardian: its fork (the same command line), leading a group (its own
+    session) of its own."""
+    command = _cmdline(agent_pid)
+    found = [p for p, (_, ppid, pgrp) in all_procs().items()
+             if ppid == agent_pid and pgrp == p and _cmdline(p) == command]
+    return found[0] if found else None
+
+
+def agent_children(agent_pid: int) -> dict[int, str]:
+    """The agent's children but its guardian: those it started and those it adopted."""
+    guardian = guardian_of(agent_pid)
+    return {p: state for p, state in children_of(agent_pid).items() if p != guardian}
+
+
 def fd_count(pid: int | None = None) -> int:
     return len(os.listdir(f"/proc/{pid or 'self'}/fd"))
 

@@ -9,6 +9,7 @@ exists either (the agent reaps everything before it exits).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -30,7 +31,7 @@ from agent_harness import (
     subreaper,
     wait_all_gone,
 )
-from conftest import children_of, wait_until
+from conftest import agent_children, children_of, guardian_of, wait_until
 
 from agent import _orphans as agent_orphans
 from protocol import Exec, Goodbye, Shutdown, encode
@@ -172,6 +173,77 @@ async def test_grace_then_sigkill_for_children_that_ignore_term() -> None:
         with trio.fail_after(GRACE + SLACK):
             assert await agent.process.wait() == 0
         await wait_all_gone(pids, [kid.pid], 2, "the TERM-proof child")
+
+
+# ---------------------------------------------------------------------------- guardian
+
+def _guardian_of(agent_pid: int, kids: list[Kid]) -> int:
+    """The agent's one child that it did not start for the controller."""
+    (guardian,) = set(children_of(agent_pid)) - {k.pid for k in kids}
+    assert guardian_of(agent_pid) == guardian  # what other tests use to leave it out
+    return guardian
+
+
+async def test_agent_killed_outright_its_guardian_ends_every_child() -> None:
+    # SIGKILL (or the OOM killer) leaves the agent no chance to clean up: the guardian
+    # it forked at start-up sees the agent's end of their pipe close and ends the groups
+    # itself, TERM-proof children included, after the same grace period.
+    with subreaper():  # the orphans come to us: reap them, as init would
+        async with spawned("--grace", str(GRACE), stderr=subprocess.PIPE) as agent:
+            kids, pids = await _start_family(agent.raw)
+            guardian = _guardian_of(agent.pid, kids)
+            os.kill(agent.pid, signal.SIGKILL)
+            with trio.fail_after(5):
+                assert await agent.process.wait() == -signal.SIGKILL
+            everything = [*pids, guardian]
+
+            def all_gone() -> bool:
+                for pid in everything:
+                    with contextlib.suppress(ChildProcessError):
+                        os.waitpid(pid, os.WNOHANG)
+                return all(gone(p) for p in everything) and not any(
+                    group_any(k.pid) for k in kids)
+
+            await wait_until(all_gone, GRACE + SLACK, "the guardian to end every group")
+            assert agent.process.stderr is not None
+            stderr = await agent.process.stderr.receive_some()
+            assert b"ending 4 process group(s)" in stderr, stderr
+
+
+async def test_guardian_holds_nothing_of_the_agent_and_exits_with_it() -> None:
+    async with spawned("--grace", str(GRACE)) as agent:
+        kids = [agent.raw.exec(["sleep", "100"])]
+        await agent.raw.started(kids[0])
+        guardian = _guardian_of(agent.pid, kids)
+        # Its own session (a signal to the agent's group does not reach it), and no fd
+        # of the agent's: the controller sees EOF the moment the agent is gone.
+        assert os.getsid(guardian) == guardian
+        fds = {int(fd): os.readlink(f"/proc/{guardian}/fd/{fd}")
+               for fd in os.listdir(f"/proc/{guardian}/fd")}
+        assert fds[0] == fds[1] == os.devnull
+        assert sorted(fds) == [0, 1, 2, 3] and fds[3].startswith("pipe:"), fds
+        await agent.raw.aclose_write()
+        with trio.fail_after(GRACE + SLACK):
+            assert await agent.process.wait() == 0
+        assert gone(guardian)  # ended and reaped by the agent before it exited
+
+
+async def test_agent_goes_on_unguarded_when_its_guardian_is_killed() -> None:
+    async with spawned("--grace", str(GRACE)) as agent:
+        raw = agent.raw
+        first = raw.exec(["sleep", "100"])
+        await raw.started(first)
+        guardian = _guardian_of(agent.pid, [first])
+        os.kill(guardian, signal.SIGKILL)
+        await wait_until(lambda: (stat_fields(guardian) or ["Z"])[0] == "Z",
+                         10, "the guardian to die")
+        # The next child's announcement fails: a warning, and the agent serves on.
+        await raw.echo(raw.exec(["cat"]), b"served without a guardian")
+        await raw.wait(lambda: any("guardian" in log.msg for log in raw.logs), 10,
+                       "the warning about the guardian")
+        (warning,) = [log for log in raw.logs if "guardian" in log.msg]
+        assert warning.level == "warning" and f"pid {guardian}" in warning.msg
+        assert gone(guardian)  # reaped once its end was seen, not left a zombie
 
 
 # ---------------------------------------------------------------------------- shutdown
@@ -321,7 +393,7 @@ async def test_orphans_that_exit_are_reaped(tmp_path: Path) -> None:
         await wait_until(lambda: gone(orphan), 10, "the agent to reap the orphan")
         raw.close(kid.id)
         await raw.closed(kid)
-        assert children_of(agent.pid) == {}
+        assert agent_children(agent.pid) == {}
 
 
 @pytest.mark.slow
@@ -352,5 +424,5 @@ async def test_exit_statuses_stay_exact_while_orphans_come_and_go() -> None:
             raw.close(maker.id)
             await raw.closed(maker)
         # Every orphan was reaped by the agent: it has no child left at all.
-        await wait_until(lambda: children_of(agent.pid) == {}, 10, "no child of the agent")
+        await wait_until(lambda: agent_children(agent.pid) == {}, 10, "no child of the agent")
         assert not raw.errors

@@ -645,8 +645,11 @@ async def test_agent_death_fails_pending_and_later_calls() -> None:
                 await talker.aclose()  # releasing is still fine
                 await conn.ping()  # leaves the block with AgentLost
         assert "agent exit status -9" in str(lost_info.value)
+        # The agent's guardian ends what it left behind (sleep ignores nothing: no grace).
+        await wait_until(lambda: all((proc_stat(p) or ("Z",))[0] == "Z" for p in pids),
+                         timeout=10, what="the guardian to end the agent's children")
     finally:
-        for pid in pids:  # orphaned when the agent died: ours to clean up
+        for pid in pids:  # should the guardian have failed
             kill_group_quietly(pid)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from conftest import children_of, fd_count, rss_bytes, wait_until
+from conftest import agent_children, fd_count, rss_bytes, wait_until
 
 import controller
 
@@ -41,7 +41,7 @@ async def agent_pid_of(agent: controller.Agent) -> int:
 
 
 def zombies_of(pid: int) -> list[int]:
-    return [p for p, state in children_of(pid).items() if state == "Z"]
+    return [p for p, state in agent_children(pid).items() if state == "Z"]
 
 
 @asynccontextmanager
@@ -118,7 +118,7 @@ async def test_ten_thousand_execs_in_a_row_leak_nothing() -> None:
             await wait_until(lambda: fd_count(pid) <= fds + 5, 10,
                              f"the agent's fd count to return near {fds}")
             assert rss_bytes(pid) <= rss + (20 << 20), (rss, rss_bytes(pid))
-            assert children_of(pid) == {}
+            assert agent_children(pid) == {}
 
 
 async def test_running_out_of_fds_is_an_error_and_the_agent_recovers(tmp_path: Path) -> None:
