@@ -123,16 +123,12 @@ def _become_guardian(read_fd: int) -> None:
     os.setsid()
     for signum in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGQUIT):
         signal.signal(signum, signal.SIG_IGN)
-    devnull = os.open(os.devnull, os.O_RDWR)
+    devnull = os.open(os.devnull, os.O_RDWR)  # >= 3: the agent filled fds 0-2 first
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)
-    keep = sorted({read_fd, devnull})
-    os.closerange(3, keep[0])
-    if len(keep) == 2:
-        os.closerange(keep[0] + 1, keep[1])
-    os.closerange(keep[-1] + 1, os.sysconf("SC_OPEN_MAX"))
-    if devnull > 2 and devnull != read_fd:
-        os.close(devnull)
+    os.close(devnull)
+    os.closerange(3, read_fd)
+    os.closerange(read_fd + 1, os.sysconf("SC_OPEN_MAX"))
 
 
 def _guard(read_fd: int, grace: float) -> None:
@@ -160,18 +156,23 @@ def _end_groups(groups: set[int], grace: float) -> None:
             with contextlib.suppress(OSError):
                 os.killpg(pgid, signum)
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(map(_group_exists, groups)):
+    while time.monotonic() < deadline and _any_alive(groups):
         time.sleep(_POLL)
     for pgid in groups:
         with contextlib.suppress(OSError):
             os.killpg(pgid, signal.SIGKILL)
 
 
-def _group_exists(pgid: int) -> bool:
-    """Whether group ``pgid`` has a live member. With /proc, zombies do not count: the
-    agent's unreaped children went to init, which may take a moment to reap them."""
+def _any_alive(groups: set[int]) -> bool:
+    """Whether any group has a live member. With /proc (one scan for all), zombies do not
+    count: the agent's unreaped children went to init, which may take a moment to reap
+    them."""
     if os.path.isdir("/proc/self"):
-        return bool(groups_alive({pgid}))
+        return bool(groups_alive(groups))
+    return any(map(_group_exists, groups))
+
+
+def _group_exists(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
