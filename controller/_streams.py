@@ -10,6 +10,8 @@ import trio
 from protocol import Eof, Window
 
 if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
     from ._agent import Agent
     from ._process import RemoteProcess
 
@@ -144,49 +146,54 @@ class _Incoming:
             self._consumed = 0
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self._busy:
-            raise trio.BusyResourceError("another task is receiving on this stream")
         if max_bytes is not None and max_bytes < 1:
             raise ValueError("max_bytes must be >= 1")
+        return b"".join(await self._receive(max_bytes or DEFAULT_RECEIVE_SIZE))
+
+    async def receive_into(self, buffer: Buffer) -> int:
+        with memoryview(buffer) as view, view.cast("B") as target:
+            if target.readonly:
+                raise TypeError("receive_into() needs a writable buffer")
+            if not target:
+                raise ValueError("receive_into() needs a buffer of at least one byte")
+            size = 0
+            for part in await self._receive(len(target)):
+                target[size: size + len(part)] = part
+                size += len(part)
+            return size
+
+    async def _receive(self, max_bytes: int) -> list[bytes | memoryview]:
+        """Waits for data or EOF and returns the parts of up to ``max_bytes`` of it (no
+        parts at EOF), granting the credit for them.
+
+        Up to ``max_bytes`` because every read is a trio checkpoint: a bulk stream
+        arrives as payloads of any size, and returning one of them per call cost ~2.4
+        calls per 128 KiB (measured: 19,234 reads per GiB instead of 8,192). The parts
+        may be views of the connection's receive buffers: the caller copies them out
+        and drops them before it next yields, which frees those buffers for reuse."""
+        if self._busy:
+            raise trio.BusyResourceError("another task is receiving on this stream")
         self._busy = True
         try:
             await trio.lowlevel.checkpoint_if_cancelled()
             parked = False  # a park is a full checkpoint: no second yield needed
-            while not self._chunks:
-                if self.eof:
-                    if not parked:
-                        await trio.lowlevel.cancel_shielded_checkpoint()
-                    return b""
+            while not self._chunks and not self.eof:
                 if self.discard:
                     raise trio.ClosedResourceError("the stream was closed")
                 self._agent.raise_if_lost()
                 await self._lot.park()
                 parked = True
-            if max_bytes is None:
-                max_bytes = DEFAULT_RECEIVE_SIZE
-            result = self._take(max_bytes)
-            self._grant(len(result))
+            parts = self._take(max_bytes)
+            self._grant(sum(map(len, parts)))
             if not parked:
                 await trio.lowlevel.cancel_shielded_checkpoint()
-            return result
+            return parts
         finally:
             self._busy = False
 
-    def _take(self, max_bytes: int) -> bytes:
-        """Up to ``max_bytes`` of the buffered chunks (at least one), as one bytes.
-
-        Chunks are joined up to ``max_bytes`` because every read is a trio checkpoint: a
-        bulk stream arrives as payloads of any size, and returning one of them per call
-        cost ~2.4 calls per 128 KiB (measured: 19,234 reads per GiB instead of 8,192)."""
+    def _take(self, max_bytes: int) -> list[bytes | memoryview]:
+        """Removes up to ``max_bytes`` from the front of the buffered chunks."""
         chunks = self._chunks
-        head = chunks[0]
-        if len(head) >= max_bytes or len(chunks) == 1:
-            if len(head) <= max_bytes:
-                chunks.popleft()
-                return bytes(head)  # bytes are returned as they are, views copied
-            view = memoryview(head)  # slices of it copy nothing, even of bytes
-            chunks[0] = view[max_bytes:]
-            return bytes(view[:max_bytes])
         parts: list[bytes | memoryview] = []
         size = 0
         while chunks and size + len(chunks[0]) <= max_bytes:
@@ -194,10 +201,10 @@ class _Incoming:
             parts.append(part)
             size += len(part)
         if chunks and size < max_bytes:
-            view = memoryview(chunks[0])
+            view = memoryview(chunks[0])  # slices of it copy nothing, even of bytes
             parts.append(view[: max_bytes - size])
             chunks[0] = view[max_bytes - size:]
-        return b"".join(parts)  # the views are gone with parts: their buffers reusable
+        return parts
 
 
 def _in_receive_buffer(chunk: bytes | memoryview) -> bool:
@@ -236,6 +243,12 @@ class RemoteReceiveStream(trio.abc.ReceiveStream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         return await self._in.receive_some(max_bytes)
 
+    async def receive_into(self, buffer: Buffer) -> int:
+        """Like ``receive_some(len(buffer))``, but copies the bytes into ``buffer`` (any
+        writable buffer) and returns how many; 0 at EOF. Reading into one reused buffer
+        allocates nothing, so large reads cost no page faults."""
+        return await self._in.receive_into(buffer)
+
     async def aclose(self) -> None:
         self._in.stop_reading()
         await trio.lowlevel.checkpoint()
@@ -261,6 +274,12 @@ class RemoteFdStream(trio.abc.HalfCloseableStream):
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         return await self._in.receive_some(max_bytes)
+
+    async def receive_into(self, buffer: Buffer) -> int:
+        """Like ``receive_some(len(buffer))``, but copies the bytes into ``buffer`` (any
+        writable buffer) and returns how many; 0 at EOF. Reading into one reused buffer
+        allocates nothing, so large reads cost no page faults."""
+        return await self._in.receive_into(buffer)
 
     async def aclose(self) -> None:
         self._out.send_eof()

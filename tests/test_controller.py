@@ -4,6 +4,7 @@ spawn failures, environments, agent loss and the ways of leaving ``open_agent``.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import hashlib
 import logging
@@ -23,7 +24,18 @@ from conftest import group_members, proc_stat, wait_until
 
 import agent
 import controller
-from protocol import NEED_DATA, Connection, Exec, Frame, Ping, Pong, Role, Started
+from protocol import (
+    NEED_DATA,
+    Connection,
+    Eof,
+    Exec,
+    Frame,
+    Ping,
+    Pong,
+    Role,
+    Started,
+    Window,
+)
 
 GRACE_ARGS = ["--grace", "2"]
 FrameT = TypeVar("FrameT", bound=Frame)
@@ -186,6 +198,66 @@ async def test_receive_some_joins_buffered_payloads_up_to_max_bytes() -> None:
             assert await proc.stdout.receive_some(1) == b"o"
             assert await proc.stdout.receive_some() == b"three"
             nursery.cancel_scope.cancel()
+
+
+async def test_receive_into_fills_the_buffer_across_payloads_and_grants_credit() -> None:
+    # Pieces read into caller-owned buffers: bytes land across payload boundaries, what
+    # is read is credited (a window frame once half the 128 KiB window is read), and
+    # EOF reads 0.
+    agent_side, controller_side = trio.testing.memory_stream_pair()
+    peer = _ScriptedAgent(agent_side)
+    data_taken_in = trio.Event()
+    pieces = (b"one", b"two", b"three", bytes(range(256)) * 256)  # 64 KiB + 11 bytes
+
+    async def play() -> None:
+        exec_ = await peer.receive(Exec)
+        await peer.send(Started(exec_.id, pid=4242))
+        for part in pieces:
+            await agent_side.send_all(peer.conn.send_data(exec_.id, 1, part) + part)
+        await peer.send(Ping(7))
+        await peer.receive(Pong)  # answered after the data frames were taken in
+        data_taken_in.set()
+        window = await peer.receive(Window)
+        assert (window.id, window.ch) == (exec_.id, 1)
+        window_granted.append(window.n)
+        await peer.send(Eof(exec_.id, 1))
+
+    window_granted: list[int] = []
+    with trio.fail_after(10):
+        await agent_side.send_all(peer.conn.initiate())  # connect() waits for it
+        async with trio.open_nursery() as nursery, controller.connect(
+                controller_side, window=1 << 17) as ag:
+            nursery.start_soon(play)
+            proc = await ag.open_process(["anything"])
+            await data_taken_in.wait()
+            buffer = bytearray(5)
+            assert await proc.stdout.receive_into(buffer) == 5
+            assert buffer == b"onetw"
+            assert await proc.stdout.receive_into(memoryview(buffer)[2:3]) == 1
+            assert buffer == b"onotw"
+            words = array.array("I", bytes(8))  # any writable buffer, counted in bytes
+            assert await proc.stdout.receive_into(words) == 8
+            assert words.tobytes() == b"three" + bytes(range(3))
+            rest = bytearray(1 << 20)
+            assert await proc.stdout.receive_into(rest) == (1 << 16) - 3
+            assert rest[: (1 << 16) - 3] == (bytes(range(256)) * 256)[3:]
+            assert await proc.stdout.receive_into(rest) == 0  # waits for the eof
+            assert await proc.stdout.receive_into(rest) == 0
+            assert window_granted == [sum(map(len, pieces))]
+            nursery.cancel_scope.cancel()
+
+
+async def test_receive_into_refuses_buffers_it_cannot_fill(any_agent: controller.Agent) -> None:
+    with trio.fail_after(10):
+        async with await any_agent.open_process(["echo", "hi"]) as proc:
+            with pytest.raises(TypeError, match="writable"):
+                await proc.stdout.receive_into(b"read-only")
+            with pytest.raises(ValueError, match="at least one byte"):
+                await proc.stdout.receive_into(bytearray())
+            buffer = bytearray(16)
+            count = await proc.stdout.receive_into(buffer)  # nothing was lost
+            assert buffer[:count] == b"hi\n"
+            assert await proc.wait() == 0
 
 
 async def test_unread_small_outputs_do_not_pin_receive_buffers(
