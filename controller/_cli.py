@@ -29,6 +29,7 @@ from protocol import LocalProtocolError
 from ._agent import Agent, _collapse, open_agent
 from ._errors import AgentError, RemoteError
 from ._process import RemoteProcess
+from ._streams import RemoteFdStream, RemoteReceiveStream
 
 __all__ = ["main"]
 
@@ -37,8 +38,13 @@ FORWARDED_SIGNALS: Final = (
     signal.SIGUSR2,
 )
 _READ_SIZE: Final = 1 << 18
+#: Most bytes written to our fd at once: each write is a worker-thread round trip.
+_WRITE_SIZE: Final = 1 << 20
 _EXIT_AGENT_FAILED: Final = 255
 _USAGE: Final = 2
+
+
+_OutputStream = RemoteReceiveStream | RemoteFdStream
 
 
 class _UsageError(Exception):
@@ -117,7 +123,7 @@ async def _read_local(fd: int) -> bytes:
     return await trio.to_thread.run_sync(os.read, fd, _READ_SIZE, abandon_on_cancel=True)
 
 
-async def _write_local(fd: int, data: bytes | bytearray) -> None:
+async def _write_local(fd: int, data: bytes | bytearray | memoryview) -> None:
     def write_all() -> None:
         view = memoryview(data)
         while view:
@@ -149,12 +155,13 @@ class _Session:
         else:
             await stream.aclose()
 
-    async def pump_out(self, stream: trio.abc.ReceiveStream, fd: int, is_socket: bool) -> None:
+    async def pump_out(self, stream: _OutputStream, fd: int, is_socket: bool) -> None:
         """The child → our fd until EOF; a closed reader on our side gets the child a
         SIGPIPE, as a local pipeline would."""
-        while chunk := await stream.receive_some():
+        buffer = memoryview(bytearray(_WRITE_SIZE))  # reused: no allocation per chunk
+        while count := await stream.receive_into(buffer):
             try:
-                await _write_local(fd, chunk)
+                await _write_local(fd, buffer[:count])
             except BrokenPipeError:
                 await self.process.send_signal("PIPE")
                 await stream.aclose()
@@ -182,7 +189,7 @@ class _Session:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.forward_signals)
             nursery.start_soon(self.pump_in, 0, process.stdin)
-            outputs: list[tuple[trio.abc.ReceiveStream, int, bool]] = [
+            outputs: list[tuple[_OutputStream, int, bool]] = [
                 (process.stdout, 1, False), (process.stderr, 2, False)]
             for n, (readable, writable) in self.fds.items():
                 if readable:
@@ -214,7 +221,7 @@ class _Session:
         return process.exit_code
 
 
-def _buffered(stream: trio.abc.ReceiveStream) -> list[bytes]:
+def _buffered(stream: _OutputStream) -> list[bytes]:
     incoming = getattr(stream, "_in", None)
     return incoming.take_buffered() if incoming is not None else []
 
