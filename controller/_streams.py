@@ -246,7 +246,8 @@ class RemoteReceiveStream(trio.abc.ReceiveStream):
     async def receive_into(self, buffer: Buffer) -> int:
         """Like ``receive_some(len(buffer))``, but copies the bytes into ``buffer`` (any
         writable buffer) and returns how many; 0 at EOF. Reading into one reused buffer
-        allocates nothing, so large reads cost no page faults."""
+        allocates nothing, so large reads cost no page faults. Cancelled, it has taken
+        nothing from the stream and written nothing into ``buffer``."""
         return await self._in.receive_into(buffer)
 
     async def aclose(self) -> None:
@@ -276,9 +277,7 @@ class RemoteFdStream(trio.abc.HalfCloseableStream):
         return await self._in.receive_some(max_bytes)
 
     async def receive_into(self, buffer: Buffer) -> int:
-        """Like ``receive_some(len(buffer))``, but copies the bytes into ``buffer`` (any
-        writable buffer) and returns how many; 0 at EOF. Reading into one reused buffer
-        allocates nothing, so large reads cost no page faults."""
+        """As :meth:`RemoteReceiveStream.receive_into`."""
         return await self._in.receive_into(buffer)
 
     async def aclose(self) -> None:

@@ -656,6 +656,41 @@ async def test_cancelled_wait_leaves_the_child_running(any_agent: controller.Age
             assert await proc.wait() == 0
 
 
+@pytest.mark.parametrize("how", ["receive_some", "receive_into"])
+async def test_cancelled_reads_take_nothing(any_agent: controller.Agent, how: str) -> None:
+    # Cancelled while waiting, or before it began with data waiting: what arrives or
+    # waits is all there for the next read.
+    async def read(stream: controller.RemoteReceiveStream) -> bytes:
+        if how == "receive_some":
+            return await stream.receive_some()
+        buffer = bytearray(64)
+        return bytes(buffer[: await stream.receive_into(buffer)])
+
+    async def read_line(stream: controller.RemoteReceiveStream) -> bytes:
+        line = b""
+        while not line.endswith(b"\n"):
+            line += await read(stream)
+        return line
+
+    with trio.fail_after(20):
+        async with await any_agent.open_process(["cat"]) as proc:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read, proc.stdout)
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.cancel_scope.cancel()
+            await proc.stdin.send_all(b"one\n")
+            assert await read_line(proc.stdout) == b"one\n"
+            await proc.stdin.send_all(b"two\n")
+            assert await proc.stdout.receive_some(1) == b"t"  # the rest waits or comes
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                await read(proc.stdout)
+            assert scope.cancelled_caught
+            assert await read_line(proc.stdout) == b"wo\n"
+            await proc.stdin.aclose()
+            assert await proc.wait() == 0
+
+
 # ---------------------------------------------------------------- agent loss
 
 
