@@ -55,7 +55,10 @@ async def serve(
     a protocol failure or an internal error).
 
     Ends when the controller closes the stream, stops reading (EPIPE), breaks the
-    protocol fatally, or completes a ``shutdown``; or when cancelled. In every case each
+    protocol fatally, or completes a ``shutdown``; or when cancelled. After a
+    ``shutdown``, the stream's end is a half-close: the shutdown goes on until the
+    children finish, unless the transport reports the peer gone
+    (:meth:`Transport.wait_peer_gone`). In every case each
     child's process group gets SIGHUP and SIGTERM, SIGKILL after ``grace`` seconds, and
     every child is reaped before this returns. ``reap_orphans`` (for a process that made
     itself a child subreaper) also reaps and kills descendants re-parented to it.

@@ -301,6 +301,15 @@ class Agent:
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self.stop(f"reading from the controller failed: {exc}")
             return
+        if self.conn.shutdown_requested and not self._stop.is_set():
+            # A half-close: the controller has said all it will and asked for the
+            # children to finish (a script that pipes its frames in, as `ssh host cmd`
+            # closes stdin). Only losing our output now means losing the controller.
+            self.log("debug", "the controller closed its side after shutdown: "
+                     "finishing the shutdown")
+            await self.transport.wait_peer_gone()
+            self.stop("the controller closed our output before the shutdown completed")
+            return
         self.stop("the controller closed the connection (EOF)")
 
     # ------------------------------------------------------------------ frames

@@ -13,6 +13,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import select
 import stat
 import sys
 from collections.abc import Sequence
@@ -58,6 +59,13 @@ class Transport(Protocol):
         """Write every buffer, then move exactly ``size`` bytes, which must already wait
         in the pipe ``pipe_fd``, to the peer: one checkpoint for both. Raises
         BrokenResourceError when the peer is gone."""
+        ...
+
+    async def wait_peer_gone(self) -> None:
+        """Return once the peer can no longer receive what we send (it closed its end of
+        our output: a pipe's reader is gone, a socket hung up), found out without
+        writing. Never returns where that cannot be known without writing: regular
+        files, ``/dev/null``, trio streams."""
         ...
 
     async def aclose(self) -> None:
@@ -183,6 +191,19 @@ class FdTransport:
         except OSError:  # EAGAIN, or an error send_all will meet and report
             return 0
 
+    async def wait_peer_gone(self) -> None:
+        self._check_open()
+        # The kernel always reports an error or hang-up on a polled fd, whatever events
+        # were asked for: an epoll set holding only our output fd, asking for nothing,
+        # turns readable exactly then. (trio's wait_writable would return at once, and
+        # then on every round the fd has room.)
+        with select.epoll() as watch:
+            try:
+                watch.register(self._write_fd, 0)
+            except PermissionError:  # a regular file or /dev/null: cannot be polled
+                await trio.sleep_forever()
+            await trio.lowlevel.wait_readable(watch.fileno())
+
     async def aclose(self) -> None:
         if self._closed:
             return
@@ -222,6 +243,9 @@ class StreamTransport:
 
     async def send_spliced(self, buffers: Sequence[Buffer], pipe_fd: int, size: int) -> None:
         raise NotImplementedError("trio streams cannot splice")
+
+    async def wait_peer_gone(self) -> None:
+        await trio.sleep_forever()  # a trio stream tells only when written to
 
     async def aclose(self) -> None:
         await self._send_stream.aclose()

@@ -287,6 +287,59 @@ async def test_shutdown_with_no_children() -> None:
             assert await agent.process.wait() == 0
 
 
+_FINISHING = "finishing the shutdown"
+
+
+async def _half_close_after_shutdown(raw: Raw) -> None:
+    """Send shutdown, close our sending side (EOF), and wait until the agent says it
+    took the EOF as a half-close (a debug log frame)."""
+    raw.send(Shutdown())
+    await raw.aclose_write()
+    await raw.wait(lambda: any(_FINISHING in log.msg for log in raw.logs), 10,
+                   "the agent to take the EOF")
+
+
+async def test_eof_after_shutdown_lets_the_children_finish(tmp_path: Path) -> None:
+    # A script that pipes its frames in ends them with EOF: after a shutdown, EOF is not
+    # the loss of the controller. The child, still running then, finishes; its output,
+    # exit and the goodbye arrive; the agent exits 0.
+    go = tmp_path / "go"
+    async with spawned("--grace", str(GRACE), "--log-level", "debug") as agent:
+        raw = agent.raw
+        kid = raw.exec(["sh", "-c", 'while [ ! -e "$1" ]; do sleep 0.01; done; echo done',
+                        "sh", str(go)])
+        raw.eof(kid.id)
+        await raw.started(kid)
+        await _half_close_after_shutdown(raw)
+        go.touch()
+        await raw.wait(lambda: raw.goodbye, 10, "goodbye")
+        assert kid.output(1) == b"done\n"
+        assert kid.exit is not None and kid.exit.code == 0
+        with trio.fail_after(SLACK):
+            assert await agent.process.wait() == 0
+        await wait_all_gone([kid.pid], [kid.pid], 2, "after goodbye")
+
+
+async def test_losing_our_output_after_shutdown_and_eof_ends_every_child() -> None:
+    # Then, with silent children (no write to fail), the controller closing its end of
+    # our output is what tells the agent it is gone: it ends every child and exits.
+    async with spawned("--grace", str(GRACE), "--log-level", "debug") as agent:
+        raw = agent.raw
+        kids = [
+            raw.exec(["sleep", "100"]),
+            raw.exec(["sh", "-c", "trap '' HUP TERM; sleep 100 & echo ready; wait"]),
+        ]
+        await raw.wait(lambda: kids[1].output(1) == b"ready\n", 10, "the children to start")
+        pids = sorted({p for k in kids for p in group_any(k.pid)})
+        await _half_close_after_shutdown(raw)
+        assert all(not gone(pid) for pid in pids)
+        raw.stop_reading()
+        await raw.ended.wait()
+        await raw.receive_stream.aclose()
+        status = await _assert_clean_exit(agent, kids, pids, "after our output was closed")
+        assert status == 0
+
+
 # ---------------------------------------------------------------------------- orphans
 
 _DOUBLE_FORK = textwrap.dedent("""
