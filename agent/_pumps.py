@@ -202,14 +202,15 @@ class OutPump:
             raise trio.ClosedResourceError("the child was closed")
         self.read_total += size
         self._splicing = size
-
-        def spliced() -> None:
-            self._splicing = 0
-            self.written_total += size
-            self._progress.unpark_all()
-
-        self._agent.writer.send_splice(header, self.endpoint.fd, size, on_written=spliced)
+        self._agent.writer.send_splice(header, self.endpoint.fd, size, self._moved)
         return True
+
+    def _moved(self, size: int) -> None:
+        """A piece of the splice under way left the child's pipe (is written)."""
+        self._splicing -= size
+        self.written_total += size
+        if not self._splicing:
+            self._progress.unpark_all()
 
     async def _ends_before_credit(self, fd: int) -> bool:
         """Wait for credit, or for the child's end to close with nothing left unread
@@ -256,7 +257,8 @@ class OutPump:
         if self.finished or self.endpoint.closed:
             return self.read_total
         try:
-            # Bytes being spliced are in read_total and still in the pipe: count them once.
+            # What is left of the splice under way is counted in read_total and is still
+            # in the pipe: count it once (_splicing shrinks as the splice moves).
             return self.read_total + fionread(self.endpoint.fd) - self._splicing
         except OSError:
             return self.read_total

@@ -16,7 +16,7 @@ import os
 import select
 import stat
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final, Protocol
 
 import trio
@@ -55,9 +55,12 @@ class Transport(Protocol):
     #: Whether :meth:`send_spliced` works (the kernel moves pipe pages, no copy).
     can_splice: bool
 
-    async def send_spliced(self, buffers: Sequence[Buffer], pipe_fd: int, size: int) -> None:
+    async def send_spliced(self, buffers: Sequence[Buffer], pipe_fd: int, size: int,
+                           on_moved: Callable[[int], None]) -> None:
         """Write every buffer, then move exactly ``size`` bytes, which must already wait
-        in the pipe ``pipe_fd``, to the peer: one checkpoint for both. Raises
+        in the pipe ``pipe_fd``, to the peer: one checkpoint for both. ``on_moved(n)``
+        is called for each piece moved, before any checkpoint: at any checkpoint, the
+        pipe still holds ``size`` minus the pieces reported. Raises
         BrokenResourceError when the peer is gone."""
         ...
 
@@ -131,13 +134,14 @@ class FdTransport:
         if not await self._write(buffers):  # a wait is a checkpoint already
             await trio.lowlevel.cancel_shielded_checkpoint()
 
-    async def send_spliced(self, buffers: Sequence[Buffer], pipe_fd: int, size: int) -> None:
+    async def send_spliced(self, buffers: Sequence[Buffer], pipe_fd: int, size: int,
+                           on_moved: Callable[[int], None]) -> None:
         self._check_open()
         await trio.lowlevel.checkpoint_if_cancelled()
         # Each checkpoint costs a scheduling round (~33,000 instructions): the header and
         # the payload of a spliced frame share one.
         waited = await self._write(buffers)
-        if not await self._splice(pipe_fd, size) and not waited:
+        if not await self._splice(pipe_fd, size, on_moved) and not waited:
             await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def _write(self, buffers: Sequence[Buffer]) -> bool:
@@ -164,7 +168,7 @@ class FdTransport:
                 pending[0] = pending[0][written:]
         return waited
 
-    async def _splice(self, pipe_fd: int, size: int) -> bool:
+    async def _splice(self, pipe_fd: int, size: int, on_moved: Callable[[int], None]) -> bool:
         """Move ``size`` bytes from ``pipe_fd``; whether that waited for room."""
         waited = False
         while size:
@@ -181,6 +185,7 @@ class FdTransport:
             if moved == 0:
                 raise RuntimeError(f"pipe {pipe_fd} ended before the {size} bytes announced")
             size -= moved
+            on_moved(moved)
         return waited
 
     def try_send(self, buffers: Sequence[Buffer]) -> int:
@@ -241,7 +246,8 @@ class StreamTransport:
 
     can_splice = False
 
-    async def send_spliced(self, buffers: Sequence[Buffer], pipe_fd: int, size: int) -> None:
+    async def send_spliced(self, buffers: Sequence[Buffer], pipe_fd: int, size: int,
+                           on_moved: Callable[[int], None]) -> None:
         raise NotImplementedError("trio streams cannot splice")
 
     async def wait_peer_gone(self) -> None:

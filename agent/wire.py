@@ -28,11 +28,16 @@ _BATCH_ITEMS: Final = 256
 _RECEIVE_SIZE: Final = 1 << 20
 
 
+def _ignore_moved(moved: int) -> None:
+    pass
+
+
 class _DataItem:
     """Buffers to write, then optionally ``splice_size`` bytes moved from a pipe (whose
-    fd the item owns: a dup, so the child's end may be closed meanwhile)."""
+    fd the item owns: a dup, so the child's end may be closed meanwhile), each piece
+    reported to ``on_moved``."""
 
-    __slots__ = ("buffers", "on_written", "size", "splice_fd", "splice_size")
+    __slots__ = ("buffers", "on_moved", "on_written", "size", "splice_fd", "splice_size")
 
     def __init__(
         self,
@@ -40,12 +45,14 @@ class _DataItem:
         on_written: Callable[[], None] | None,
         splice_fd: int | None = None,
         splice_size: int = 0,
+        on_moved: Callable[[int], None] = _ignore_moved,
     ) -> None:
         self.buffers = buffers
         self.size = sum(len(b) for b in buffers) + splice_size
         self.on_written = on_written
         self.splice_fd = splice_fd
         self.splice_size = splice_size
+        self.on_moved = on_moved
 
     def discard(self) -> None:
         if self.splice_fd is not None:
@@ -107,14 +114,16 @@ class FrameWriter:
             self._wakeup.set()
 
     def send_splice(
-        self, header: bytes, pipe_fd: int, size: int, on_written: Callable[[], None]
+        self, header: bytes, pipe_fd: int, size: int, on_moved: Callable[[int], None]
     ) -> None:
         """Queue a data frame whose ``size`` payload bytes wait in pipe ``pipe_fd``: the
         header is written, then the payload spliced (moved by the kernel, never copied into
-        this process). Only when ``transport.can_splice``. Never blocks."""
+        this process), ``on_moved(n)`` called for each piece as it leaves the pipe (see
+        :meth:`Transport.send_spliced`). Only when ``transport.can_splice``. Never
+        blocks."""
         if self._closed:
             return
-        self._data.append(_DataItem((header,), on_written, os.dup(pipe_fd), size))
+        self._data.append(_DataItem((header,), None, os.dup(pipe_fd), size, on_moved))
         self._wakeup.set()
 
     def _write_now(
@@ -178,7 +187,7 @@ class FrameWriter:
                     else:
                         assert splice.splice_fd is not None
                         await self._transport.send_spliced(
-                            buffers, splice.splice_fd, splice.splice_size
+                            buffers, splice.splice_fd, splice.splice_size, splice.on_moved
                         )
                 finally:
                     self._busy = False

@@ -124,6 +124,7 @@ class Raw:
         self._queued = 0
         self._written = 0
         self._paused = False
+        self._budget: int | None = None  # bytes left to read before pausing; None: no limit
         self._reading_scope: trio.CancelScope | None = None
 
     # ------------------------------------------------------------------ tasks
@@ -165,9 +166,12 @@ class Raw:
 
     async def _read_frames(self) -> None:
         while True:
-            while self._paused:
+            while self._paused or self._budget == 0:
                 await self._lot.park()
-            data = await self.receive_stream.receive_some(1 << 18)
+            size = 1 << 18 if self._budget is None else min(self._budget, 1 << 18)
+            data = await self.receive_stream.receive_some(size)
+            if self._budget is not None:
+                self._budget -= len(data)
             self.conn.receive_data(data)
             while True:
                 try:
@@ -307,7 +311,19 @@ class Raw:
 
     def resume_reading(self) -> None:
         self._paused = False
+        self._budget = None
         self._lot.unpark_all()
+
+    def allow_reading(self, size: int) -> None:
+        """Read exactly ``size`` more bytes of the agent's stream, then pause again."""
+        self._paused = False
+        self._budget = size
+        self._lot.unpark_all()
+
+    @property
+    def budget_read(self) -> bool:
+        """Whether the bytes :meth:`allow_reading` allowed have all been read."""
+        return self._budget == 0
 
     def stop_reading(self) -> None:
         """End the reader task for good (e.g. before closing our read end)."""

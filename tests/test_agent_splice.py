@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 import trio
@@ -23,8 +23,9 @@ class _CountingTransport(agent.FdTransport):
 
     spliced = 0
 
-    async def send_spliced(self, buffers: Sequence[Buffer], pipe_fd: int, size: int) -> None:
-        await super().send_spliced(buffers, pipe_fd, size)
+    async def send_spliced(self, buffers: Sequence[Buffer], pipe_fd: int, size: int,
+                           on_moved: Callable[[int], None]) -> None:
+        await super().send_spliced(buffers, pipe_fd, size, on_moved)
         _CountingTransport.spliced += size
 
 

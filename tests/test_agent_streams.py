@@ -8,7 +8,9 @@ import fcntl
 import functools
 import hashlib
 import os
+import sys
 import termios
+from pathlib import Path
 
 import pytest
 import trio
@@ -333,6 +335,52 @@ async def test_the_tail_is_exact_before_exit() -> None:
             assert kid.nonzero[1] == 4
             raw.close(kid.id)
             await raw.closed(kid)
+
+
+_LAGGING_WRITER = """
+import os, sys, time
+out = sys.stdout.buffer
+out.write(b"a" * {first}); out.flush()
+open({wrote!r}, "w").close()
+deadline = time.monotonic() + 30
+while not os.path.exists({go!r}):
+    if time.monotonic() > deadline:
+        sys.exit(3)
+    time.sleep(0.005)
+out.write(b"b" * {second}); out.flush()
+"""
+
+
+async def test_spliced_output_is_all_out_before_exit_while_the_controller_lags(
+        tmp_path: Path) -> None:
+    # The real agent splices bulk output into its stdout. With the controller reading
+    # slowly, that pipe is full and a splice is under way, part of it moved, when the
+    # child writes more and exits: all of it must still come before the exit frame.
+    # (The drain before exit counted the whole splice as still in the child's pipe, so
+    # it missed as many bytes behind it as the splice had moved.)
+    first, second = (7 << 20) // 4, 128 << 10
+    wrote, go = tmp_path / "wrote", tmp_path / "go"
+    script = _LAGGING_WRITER.format(first=first, second=second, wrote=str(wrote), go=str(go))
+    async with spawned("--grace", "2", window=16 << 20) as agent:  # pipes limit, not credit
+        raw = agent.raw
+        kid = raw.exec([sys.executable, "-c", script], keep=False)
+        raw.eof(kid.id)
+        await raw.started(kid)
+        raw.pause_reading()
+        await wait_until(wrote.exists, what="the child's first part to be written")
+        raw.allow_reading(256 << 10)  # room for part of a splice
+        await raw.wait(lambda: raw.budget_read, 10, "256 KiB to be read")
+        go.touch()
+
+        def ended() -> bool:
+            fields = stat_fields(kid.pid)
+            return fields is None or fields[0] == "Z"
+
+        await wait_until(ended, what="the child to exit")
+        raw.resume_reading()
+        exit_frame = await raw.exited(kid)
+        assert exit_frame.code == 0
+        assert kid.at_exit == {1: first + second, 2: 0}
 
 
 async def _holder(raw: Raw, script: str) -> Kid:
