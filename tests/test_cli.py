@@ -90,6 +90,50 @@ async def test_100_mib_through_stdin_and_stdout_byte_exact() -> None:
     assert received.hexdigest() == sent.hexdigest()
 
 
+async def test_our_pipes_stay_blocking_for_whoever_shares_them() -> None:
+    # mproxy-exec reads and writes pipes on its event loop, through open file
+    # descriptions of its own: O_NONBLOCK on the ones it was given would reach every
+    # process sharing them (a shell's next command would meet EAGAIN).
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    try:
+        with trio.fail_after(TIMEOUT):
+            async with spawned([*EXEC, "--", "sh", "-c", "echo ready; cat"], stdin=in_r,
+                               stdout=out_w) as proc:
+                to_child = trio.lowlevel.FdStream(os.dup(in_w))
+                from_child = trio.lowlevel.FdStream(os.dup(out_r))
+                async with to_child, from_child:
+                    output = b""
+                    while output != b"ready\n":
+                        output += await from_child.receive_some()
+                    await to_child.send_all(b"pumping\n")
+                    while output != b"ready\npumping\n":
+                        output += await from_child.receive_some()
+                    # Both pumps are running: the descriptions we share are untouched.
+                    for fd in (in_r, out_w):
+                        assert os.get_blocking(fd), fd
+                    os.close(in_w)
+                    in_w = -1
+                    await to_child.aclose()  # the last writer: the child sees EOF
+                    assert await proc.wait() == 0
+    finally:
+        for fd in (in_r, in_w, out_r, out_w):
+            if fd >= 0:
+                os.close(fd)
+
+
+def test_stdin_from_a_file_goes_on_from_its_offset(tmp_path: Path) -> None:
+    # A file is not opened again (that would start at 0): it is read where we are.
+    path = tmp_path / "input"
+    path.write_bytes(b"skipped|" + bytes(range(256)) * 4096)
+    with path.open("rb") as source:
+        os.read(source.fileno(), len(b"skipped|"))
+        done = subprocess.run([*EXEC, "--", "cat"], stdin=source, capture_output=True,
+                              timeout=TIMEOUT, check=False)
+    assert (done.returncode, done.stderr) == (0, b"")
+    assert done.stdout == bytes(range(256)) * 4096
+
+
 async def test_closed_reader_gets_the_child_a_sigpipe() -> None:
     # Like `yes | head -1`: our reader goes away, the remote writer dies of SIGPIPE.
     with trio.fail_after(TIMEOUT):
