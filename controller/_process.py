@@ -149,7 +149,12 @@ class RemoteProcess:
 
     async def wait(self) -> int:
         """Wait for the child to exit; return ``returncode``. Raises AgentLost if the
-        agent goes away first. Cancelling the wait leaves the child running."""
+        agent goes away first. Cancelling the wait leaves the child running.
+
+        The exit arrives after everything the child wrote before it (the protocol's
+        ordering), so output nobody reads beyond a stream's window (4 MiB) holds it
+        back, as a full pipe holds back a writer. Read such a stream, or ``aclose()`` it
+        to discard what comes, before waiting."""
         await self._exited.wait()
         if self.returncode is None:
             self._agent.raise_if_lost()
@@ -190,14 +195,18 @@ class RemoteProcess:
         await self.send_signal("KILL")
 
     async def aclose(self) -> None:
-        """Kill the child's group if it is still running, wait for its exit, release it
-        on the agent and wait until the agent confirms (``closed``: the child is reaped
-        and nothing of its process group is left).
+        """Discard unread output, kill the child's group if it is still running, wait for
+        its exit, release it on the agent and wait until the agent confirms (``closed``:
+        the child is reaped and nothing of its process group is left).
+
+        Output is discarded first: the exit follows the output written before it, which
+        could otherwise wait for credit that nobody reading would grant.
 
         Safe to call more than once; runs to completion even when cancelled (bounded by
         a few seconds when the agent does not answer)."""
         with trio.CancelScope(shield=True), trio.move_on_after(_KILL_WAIT):
             if not self.closed and not self._agent.lost:
+                self._close_streams()
                 if self.returncode is None and self.pid is not None:
                     await self.kill()
                 await self._exited.wait()

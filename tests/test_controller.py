@@ -656,6 +656,24 @@ async def test_cancelled_wait_leaves_the_child_running(any_agent: controller.Age
             assert await proc.wait() == 0
 
 
+async def test_leaving_a_process_with_unread_output_beyond_its_window_is_prompt(
+        any_agent: controller.Agent) -> None:
+    # The exit follows the output written before it. A child killed with more unread
+    # output than its window holds back its own exit until that output is taken: leaving
+    # the block must discard it first, not wait out the kill timeout (10 s).
+    with trio.fail_after(30):
+        async with await any_agent.open_process(["sh", "-c", "yes >&2 & exec yes"]) as proc:
+            assert await proc.stdout.receive_some(2) == b"y\n"
+            unread = proc.stderr._in  # white box: the stream's buffered output
+            window = any_agent.conn.our_hello.window
+            await wait_until(lambda: sum(map(len, unread._chunks)) >= window,
+                             what="stderr's window to fill")
+            await proc.kill()
+            with trio.fail_after(5):
+                await proc.aclose()
+        assert proc.returncode == -signal.SIGKILL
+
+
 @pytest.mark.parametrize("how", ["receive_some", "receive_into"])
 async def test_cancelled_reads_take_nothing(any_agent: controller.Agent, how: str) -> None:
     # Cancelled while waiting, or before it began with data waiting: what arrives or
