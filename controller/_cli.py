@@ -269,11 +269,11 @@ class _Session:
                     await process.fds[n].send_eof()
                 if writable:
                     outputs.append((process.fds[n], n, stat.S_ISSOCK(os.fstat(n).st_mode)))
-            locals_ = {fd: _LocalOutput(fd) for _, fd, _ in outputs}
+            local_outputs = {fd: _LocalOutput(fd) for _, fd, _ in outputs}
             try:
                 async with trio.open_nursery() as output_nursery:
                     for stream, fd, is_socket in outputs:
-                        output_nursery.start_soon(self.pump_out, stream, locals_[fd], fd,
+                        output_nursery.start_soon(self.pump_out, stream, local_outputs[fd], fd,
                                                   is_socket)
                     returncode = await process.wait()
                     # Everything written before the exit arrived before it: write what is
@@ -282,7 +282,7 @@ class _Session:
                 for stream, fd, _ in outputs:
                     for chunk in _buffered(stream):
                         try:
-                            await locals_[fd].write(chunk)
+                            await local_outputs[fd].write(chunk)
                         except BrokenPipeError:
                             break
                         except OSError as exc:
@@ -291,7 +291,7 @@ class _Session:
                             break
             finally:
                 with trio.CancelScope(shield=True):
-                    for local in locals_.values():
+                    for local in local_outputs.values():
                         await local.aclose()
             nursery.cancel_scope.cancel()
         assert process.exit_code is not None
