@@ -28,10 +28,6 @@ _BATCH_ITEMS: Final = 256
 _RECEIVE_SIZE: Final = 1 << 20
 
 
-def _ignore_moved(moved: int) -> None:
-    pass
-
-
 class _DataItem:
     """Buffers to write, then optionally ``splice_size`` bytes moved from a pipe (whose
     fd the item owns: a dup, so the child's end may be closed meanwhile), each piece
@@ -45,7 +41,7 @@ class _DataItem:
         on_written: Callable[[], None] | None,
         splice_fd: int | None = None,
         splice_size: int = 0,
-        on_moved: Callable[[int], None] = _ignore_moved,
+        on_moved: Callable[[int], None] | None = None,
     ) -> None:
         self.buffers = buffers
         self.size = sum(len(b) for b in buffers) + splice_size
@@ -186,6 +182,7 @@ class FrameWriter:
                         await self._transport.send_all(buffers)
                     else:
                         assert splice.splice_fd is not None
+                        assert splice.on_moved is not None
                         await self._transport.send_spliced(
                             buffers, splice.splice_fd, splice.splice_size, splice.on_moved
                         )

@@ -119,8 +119,9 @@ def _directions(fd: int) -> tuple[bool, bool]:
     return access in (os.O_RDONLY, os.O_RDWR), access in (os.O_WRONLY, os.O_RDWR)
 
 
-def _reopen_pipe(fd: int, access: int) -> int | None:
-    """A private, non-blocking open file description of the pipe at our fd N, or None.
+def _private_pipe(fd: int, access: int) -> trio.lowlevel.FdStream | None:
+    """A stream on a private, non-blocking open file description of the pipe at our fd
+    N, or None.
 
     O_NONBLOCK on fd N itself would change the description we share with the shell that
     started us (and with the other processes of a pipeline): they would meet EAGAIN.
@@ -130,21 +131,21 @@ def _reopen_pipe(fd: int, access: int) -> int | None:
     if not stat.S_ISFIFO(os.fstat(fd).st_mode):
         return None
     try:
-        return os.open(f"/proc/self/fd/{fd}", access | os.O_NONBLOCK | os.O_CLOEXEC)
+        private = os.open(f"/proc/self/fd/{fd}", access | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return None
+    return trio.lowlevel.FdStream(private)
 
 
 class _LocalInput:
-    """Our fd N, read on the event loop when it is a pipe (see :func:`_reopen_pipe`);
+    """Our fd N, read on the event loop when it is a pipe (see :func:`_private_pipe`);
     otherwise in a worker thread, each read a round trip (~0.1 ms). A pipe fed by
     ``head -c 1G`` (8 KiB writes, so a round trip per 8 KiB) took 6.2-7.2 s through
     threads, 2.3-2.7 s on the loop (start-up of ~0.6 s included)."""
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
-        private = _reopen_pipe(fd, os.O_RDONLY)
-        self._pipe = None if private is None else trio.lowlevel.FdStream(private)
+        self._pipe = _private_pipe(fd, os.O_RDONLY)
 
     async def read(self) -> bytes:
         """The next bytes, ``b""`` at EOF; raises OSError for a read error."""
@@ -168,8 +169,7 @@ class _LocalOutput:
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
-        private = _reopen_pipe(fd, os.O_WRONLY)
-        self._pipe = None if private is None else trio.lowlevel.FdStream(private)
+        self._pipe = _private_pipe(fd, os.O_WRONLY)
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         """Write all of ``data``; raises OSError (BrokenPipeError: the reader is gone)."""
