@@ -173,7 +173,9 @@ class Agent:
         self.transport = transport
         self.conn = Connection(
             Role.AGENT, max_frame_size=max_frame, window=window, impl="mproxy-agent",
-            impl_version=version, caps=("signal-ack", "half-close", "env-policy"),
+            impl_version=version,
+            caps=("signal-ack", "half-close", "env-policy")
+            + (("cgroup",) if guardian is not None and guardian.cgroup else ()),
         )
         self.writer = FrameWriter(transport)
         self.output_budget = ByteBudget(OUTPUT_BUDGET)

@@ -13,7 +13,7 @@ import trio
 
 import childproc
 
-from . import __version__, _orphans, serve
+from . import __version__, _cgroup, _orphans, serve
 from ._guardian import Guardian, start_guardian
 from .transport import FdTransport, enlarge_pipe
 
@@ -38,6 +38,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-children", type=_positive_int, default=10_000, metavar="N",
         help="children not yet closed by the controller; further execs fail (default: 10000)",
+    )
+    parser.add_argument(
+        "--no-cgroup", dest="cgroup", action="store_false",
+        help="do not put the children in a cgroup of the agent's own (cgroup v2, where "
+        "it may create one): without it, descendants that leave their process group "
+        "survive the agent being killed outright",
     )
     return parser
 
@@ -119,6 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Before any thread exists (trio's run starts some), and before the protocol's fds
     # are taken: the guardian must hold none of them.
     guardian = start_guardian(args.grace)
+    cgroup = _contain(guardian) if guardian is not None and args.cgroup else None
     read_fd, write_fd = _claim_stdio()
     try:
         return trio.run(_serve_until_signalled, read_fd, write_fd, args, reap_orphans,
@@ -126,5 +133,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     finally:
+        if cgroup is not None:
+            cgroup.leave()  # first: the guardian ends whatever is still in it
         if guardian is not None:
             guardian.close()
+
+
+def _contain(guardian: Guardian) -> _cgroup.Cgroup | None:
+    """Move into a cgroup of our own for the guardian to end (after forking it: it must
+    stay outside); None, said at debug level, where that cannot be done."""
+    try:
+        cgroup = _cgroup.enter_own_cgroup()
+    except _cgroup.NoCgroup as exc:
+        logging.getLogger("mproxy.agent").debug(
+            "children are not contained in a cgroup: %s", exc)
+        return None
+    guardian.contain(cgroup.path)
+    return cgroup

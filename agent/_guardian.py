@@ -7,13 +7,17 @@ that forked, and posix_spawn cannot set it. So the agent forks a guardian at sta
 before any thread exists. The guardian keeps only the read end of a pipe (and stderr),
 sits in a session of its own (a signal to the agent's process group does not reach it)
 and ignores SIGHUP, SIGINT, SIGTERM and SIGQUIT. The agent writes ``+PGID`` when a child
-starts (each child leads its own group) and ``-PGID`` just before it reaps one. When the
-pipe reaches EOF (the agent is gone, however it went) the guardian ends the groups it
-still knows as the agent would: SIGHUP, SIGTERM and SIGCONT, SIGKILL after the grace
-period; then it exits. After a normal teardown it knows none and exits at once.
+starts (each child leads its own group) and ``-PGID`` just before it reaps one, and
+``cHEX`` with the path of its own cgroup when it has one (see :mod:`._cgroup`; the
+guardian stays outside it). When the pipe reaches EOF (the agent is gone, however it
+went) the guardian ends what is left as the agent would: SIGHUP, SIGTERM and SIGCONT to
+the groups it still knows and to every process in the cgroup, SIGKILL after the grace
+period; then it removes the cgroup and exits. After a normal teardown nothing is left
+and it exits at once.
 
-Limits: a child started in the instant before the agent is killed may not have been
-announced yet; descendants that left their group (setsid) are not known to the guardian.
+Limits without a cgroup: a child started in the instant before the agent is killed may
+not have been announced yet, and descendants that left their group (setsid) are not
+known to the guardian. A cgroup holds both.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import sys
 import time
 from typing import Final
 
+from . import _cgroup
 from ._orphans import groups_alive
 
 __all__ = ["Guardian", "start_guardian"]
@@ -33,6 +38,9 @@ __all__ = ["Guardian", "start_guardian"]
 #: beyond this it gives up on the guardian rather than grow without bound.
 _MAX_PENDING: Final = 1 << 20
 _POLL: Final = 0.05  # how often the guardian looks whether the groups are gone
+#: How long the guardian waits, at EOF, for the dying agent to leave its cgroup: a task
+#: closes its files before it leaves its cgroup, in the same exit.
+_AGENT_EXIT: Final = 1.0
 
 
 class Guardian:
@@ -46,6 +54,13 @@ class Guardian:
         self._fd: int | None = write_fd
         self._pending = bytearray()
         self.failure: str | None = None
+        #: The agent's own cgroup, which the guardian ends and removes; None without.
+        self.cgroup: str | None = None
+
+    def contain(self, cgroup: str) -> None:
+        """The agent has moved into cgroup ``cgroup`` (before starting any child)."""
+        self.cgroup = cgroup
+        self._send(b"c%s\n" % os.fsencode(cgroup).hex().encode())
 
     def watch(self, pgid: int) -> None:
         """A child leading process group ``pgid`` has started."""
@@ -102,13 +117,14 @@ def start_guardian(grace: float) -> Guardian | None:
     if not hasattr(os, "fork"):
         return None
     read_fd, write_fd = os.pipe()
+    agent_pid = os.getpid()
     pid = os.fork()
     if pid == 0:  # the guardian (tests check it from outside: it never returns)
         status = 1
         try:
             os.close(write_fd)
             _become_guardian(read_fd)
-            _guard(read_fd, grace)
+            _guard(read_fd, grace, agent_pid)
             status = 0
         finally:
             os._exit(status)  # never return into the agent's code, nor run its atexit
@@ -131,36 +147,84 @@ def _become_guardian(read_fd: int) -> None:
     os.closerange(read_fd + 1, os.sysconf("SC_OPEN_MAX"))
 
 
-def _guard(read_fd: int, grace: float) -> None:
+def _guard(read_fd: int, grace: float, agent_pid: int) -> None:
     groups: set[int] = set()
+    cgroup: str | None = None
     rest = b""
     while data := os.read(read_fd, 65536):
         *lines, rest = (rest + data).split(b"\n")
         for line in lines:
             if line[:1] == b"+":
                 groups.add(int(line[1:]))
-            else:
+            elif line[:1] == b"-":
                 groups.discard(int(line[1:]))
-    if groups:
+            else:
+                cgroup = os.fsdecode(bytes.fromhex(line[1:].decode()))
+    if cgroup is not None:
+        _wait_left(cgroup, agent_pid, _AGENT_EXIT)
+    left = _Leftovers(groups, cgroup, agent_pid)
+    what = [f"{len(groups)} process group(s)"] if groups else []
+    if left.in_cgroup():
+        what.append(f"every process in {cgroup}")
+    if what:
         sys.stderr.write(
             f"mproxy-agent[{os.getpid()}] WARNING the agent ended without ending its "
-            f"children: ending {len(groups)} process group(s)\n"
+            f"children: ending {' and '.join(what)}\n"
         )
-        _end_groups(groups, grace)
+        left.end(grace)
+    if cgroup is not None:
+        _cgroup.remove(cgroup)
 
 
-def _end_groups(groups: set[int], grace: float) -> None:
-    """The agent's own policy: HUP, TERM and CONT to every group, KILL after ``grace``."""
-    for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGCONT):
-        for pgid in groups:
+class _Leftovers:
+    """What the agent left running: the groups it announced, and the processes in its
+    cgroup but the agent itself (on its way out, or moved out at a normal end)."""
+
+    def __init__(self, groups: set[int], cgroup: str | None, agent_pid: int) -> None:
+        self.groups = groups
+        self.cgroup = cgroup
+        self.agent_pid = agent_pid
+
+    def in_cgroup(self) -> set[int]:
+        if self.cgroup is None:
+            return set()
+        return _cgroup.members(self.cgroup) - {self.agent_pid}
+
+    def alive(self) -> bool:
+        return bool(self.in_cgroup()) or _any_alive(self.groups)
+
+    def end(self, grace: float) -> None:
+        """The agent's own policy: HUP, TERM and CONT, KILL after ``grace``."""
+        for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGCONT):
+            self._signal(signum)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and self.alive():
+            time.sleep(_POLL)
+        if self.cgroup is not None and self.agent_pid not in _cgroup.members(self.cgroup):
+            _cgroup.kill(self.cgroup)  # at once: nothing can fork its way out
+        self._signal(signal.SIGKILL)
+        if self.cgroup is not None:  # SIGKILLed processes leave the cgroup as they exit
+            _wait_left(self.cgroup, self.agent_pid, _AGENT_EXIT, everyone=True)
+
+    def _signal(self, signum: int) -> None:
+        for pgid in self.groups:
             with contextlib.suppress(OSError):
                 os.killpg(pgid, signum)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and _any_alive(groups):
-        time.sleep(_POLL)
-    for pgid in groups:
-        with contextlib.suppress(OSError):
-            os.killpg(pgid, signal.SIGKILL)
+        for pid in self.in_cgroup():
+            with contextlib.suppress(OSError):
+                if os.getpgid(pid) not in self.groups:  # each process gets it once
+                    os.kill(pid, signum)
+
+
+def _wait_left(cgroup: str, agent_pid: int, timeout: float, *, everyone: bool = False) -> None:
+    """Wait at most ``timeout`` seconds until the agent (or, with ``everyone``, every
+    process but the agent) has left ``cgroup``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        inside = _cgroup.members(cgroup)
+        if not (inside - {agent_pid} if everyone else agent_pid in inside):
+            return
+        time.sleep(0.001)
 
 
 def _any_alive(groups: set[int]) -> bool:

@@ -14,9 +14,19 @@ import trio.testing
 
 import agent
 import controller
+from agent import _cgroup
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENT_ARGV = [sys.executable, "-m", "agent"]
+
+
+def cgroups_usable() -> bool:
+    """Whether this machine lets the agent make a cgroup of its own: as root, with cgroup
+    v2 mounted. (Where it is not, the agent falls back to guarding process groups.)"""
+    try:
+        return os.geteuid() == 0 and os.path.isdir(_cgroup.cgroup_dir())
+    except _cgroup.NoCgroup:
+        return False
 
 
 @pytest.fixture

@@ -31,8 +31,9 @@ from agent_harness import (
     subreaper,
     wait_all_gone,
 )
-from conftest import agent_children, children_of, guardian_of, wait_until
+from conftest import agent_children, cgroups_usable, children_of, guardian_of, wait_until
 
+from agent import _cgroup
 from agent import _orphans as agent_orphans
 from protocol import Exec, Goodbye, Shutdown, encode
 
@@ -177,6 +178,9 @@ async def test_grace_then_sigkill_for_children_that_ignore_term() -> None:
 
 # ---------------------------------------------------------------------------- guardian
 
+needs_cgroups = pytest.mark.skipif(not cgroups_usable(), reason="needs root and cgroup v2")
+
+
 def _guardian_of(agent_pid: int, kids: list[Kid]) -> int:
     """The agent's one child that it did not start for the controller."""
     (guardian,) = set(children_of(agent_pid)) - {k.pid for k in kids}
@@ -246,6 +250,108 @@ async def test_agent_goes_on_unguarded_when_its_guardian_is_killed() -> None:
         (warning,) = [log for log in raw.logs if "guardian" in log.msg]
         assert warning.level == "warning" and f"pid {guardian}" in warning.msg
         assert gone(guardian)  # reaped once its end was seen, not left a zombie
+        if cgroups_usable():  # with nobody else to remove it, the agent does
+            contained = _cgroup.cgroup_dir(agent.pid)
+            await raw.aclose_write()
+            with trio.fail_after(GRACE + SLACK):
+                assert await agent.process.wait() == 0
+            assert not os.path.exists(contained)
+
+
+# ---------------------------------------------------------------------------- cgroup
+
+
+@needs_cgroups
+async def test_agent_contains_its_children_in_a_cgroup_it_removes_at_exit() -> None:
+    ours = _cgroup.cgroup_dir()
+    async with spawned("--grace", str(GRACE)) as agent:
+        raw = agent.raw
+        assert raw.conn.their_hello is not None
+        assert "cgroup" in raw.conn.their_hello.caps
+        kid = raw.exec(["sh", "-c", "sleep 100 & wait"])
+        await raw.started(kid)
+        contained = _cgroup.cgroup_dir(agent.pid)
+        assert os.path.dirname(contained) == ours
+        assert os.path.basename(contained).startswith(f"mproxy-agent.{agent.pid}.")
+        await wait_until(lambda: len(group_any(kid.pid)) == 2, 10, "the child's sleep")
+        assert {_cgroup.cgroup_dir(pid) for pid in group_any(kid.pid)} == {contained}
+        # The guardian stays outside: it must not be ended with what it ends.
+        assert _cgroup.cgroup_dir(_guardian_of(agent.pid, [kid])) == ours
+        await raw.aclose_write()
+        with trio.fail_after(GRACE + SLACK):
+            assert await agent.process.wait() == 0
+        await wait_until(lambda: not os.path.exists(contained), 5, "the cgroup's removal")
+
+
+@needs_cgroups
+async def test_agent_killed_outright_its_guardian_ends_descendants_that_left_their_group(
+) -> None:
+    # A daemon that left its group and session (setsid), while its parent lives on (so
+    # it is not re-parented to the agent), ignoring HUP and TERM: only the cgroup holds
+    # it. Without one it survives the agent.
+    daemon = "setsid sh -c 'trap \"\" HUP TERM; echo $$; exec sleep 100' & wait"
+    with subreaper():
+        async with spawned("--grace", str(GRACE), stderr=subprocess.PIPE) as agent:
+            raw = agent.raw
+            kid = raw.exec(["sh", "-c", daemon])
+            await raw.wait(lambda: kid.output(1).endswith(b"\n"), 10, "the daemon's pid")
+            pid = int(kid.output(1))
+            assert os.getsid(pid) == pid != kid.pid
+            contained = _cgroup.cgroup_dir(agent.pid)
+            assert _cgroup.cgroup_dir(pid) == contained
+            os.kill(agent.pid, signal.SIGKILL)
+            with trio.fail_after(5):
+                assert await agent.process.wait() == -signal.SIGKILL
+
+            def daemon_gone() -> bool:
+                for each in (pid, kid.pid):  # they come to us: reap them, as init would
+                    with contextlib.suppress(ChildProcessError):
+                        os.waitpid(each, os.WNOHANG)
+                return gone(pid) and gone(kid.pid)
+
+            await wait_until(daemon_gone, GRACE + SLACK, "the guardian to end the daemon")
+            await wait_until(lambda: not os.path.exists(contained), 5, "the cgroup's removal")
+            assert agent.process.stderr is not None
+            stderr = await agent.process.stderr.receive_some()
+            assert f"ending 1 process group(s) and every process in {contained}".encode() \
+                in stderr, stderr
+
+
+@needs_cgroups
+async def test_no_cgroup_leaves_the_agent_where_it_was() -> None:
+    async with spawned("--no-cgroup") as agent:
+        assert agent.raw.conn.their_hello is not None
+        assert "cgroup" not in agent.raw.conn.their_hello.caps
+        assert _cgroup.cgroup_dir(agent.pid) == _cgroup.cgroup_dir()
+
+
+@needs_cgroups
+async def test_agent_serves_without_a_cgroup_where_it_cannot_make_one() -> None:
+    # A cgroup that may have no descendants: the agent's mkdir fails (EAGAIN), it says so
+    # at debug level, and serves with its process groups guarded as before.
+    cage = os.path.join(_cgroup.cgroup_dir(), f"mproxy-test.{os.getpid()}")
+    os.mkdir(cage)
+    try:
+        with open(os.path.join(cage, "cgroup.max.depth"), "w") as f:
+            f.write("0")
+        enter = ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', cage]
+        async with spawned("--log-level", "debug", prefix=enter,
+                           stderr=subprocess.PIPE) as agent:
+            raw = agent.raw
+            assert raw.conn.their_hello is not None
+            assert "cgroup" not in raw.conn.their_hello.caps
+            assert _cgroup.cgroup_dir(agent.pid) == cage
+            await raw.echo(raw.exec(["cat"]), b"served without a cgroup")
+            await raw.aclose_write()
+            with trio.fail_after(GRACE + SLACK):
+                assert await agent.process.wait() == 0
+            assert agent.process.stderr is not None
+            stderr = await agent.process.stderr.receive_some()
+            assert b"not contained in a cgroup: cannot create" in stderr, stderr
+            assert b"EAGAIN" in stderr, stderr
+    finally:
+        await wait_until(lambda: not _cgroup.members(cage), 10, "the cage to empty")
+        os.rmdir(cage)
 
 
 # ---------------------------------------------------------------------------- shutdown
