@@ -33,17 +33,21 @@ class _DataItem:
     fd the item owns: a dup, so the child's end may be closed meanwhile), each piece
     reported to ``on_moved``."""
 
-    __slots__ = ("buffers", "on_moved", "on_written", "size", "splice_fd", "splice_size")
+    __slots__ = ("buffers", "on_moved", "on_written", "owner", "size", "splice_fd",
+                 "splice_size")
 
     def __init__(
         self,
         buffers: tuple[Buffer, ...],
         on_written: Callable[[], None] | None,
+        *,
         splice_fd: int | None = None,
         splice_size: int = 0,
         on_moved: Callable[[int], None] | None = None,
+        owner: int | None = None,
     ) -> None:
         self.buffers = buffers
+        self.owner = owner
         self.size = sum(len(b) for b in buffers) + splice_size
         self.on_written = on_written
         self.splice_fd = splice_fd
@@ -100,14 +104,30 @@ class FrameWriter:
             self._wakeup.set()
 
     def send_data(
-        self, *buffers: Buffer, on_written: Callable[[], None] | None = None
+        self, *buffers: Buffer, on_written: Callable[[], None] | None = None,
+        owner: int | None = None,
     ) -> None:
-        """Queue a data or eof frame (header and payload buffers). Never blocks."""
+        """Queue a data or eof frame (header and payload buffers). Never blocks. An
+        ``owner`` (a child's id) lets :meth:`drop_queued` take it back."""
         if on_written is None and not any(buffers):
             return  # the connection dropped the frame: its child is being closed
         if not self._closed and not self._write_now(buffers, on_written):
-            self._data.append(_DataItem(buffers, on_written))
+            self._data.append(_DataItem(buffers, on_written, owner=owner))
             self._wakeup.set()
+
+    def drop_queued(self, owner: int) -> None:
+        """Drop ``owner``'s queued data items; those being written, or partly written,
+        still go whole (frames never interleave). For a child about to be closed: a
+        control frame overtakes queued data, so its data would reach the peer after the
+        close, which refuses it."""
+        if any(item.owner == owner for item in self._data):
+            kept: deque[_DataItem] = deque()
+            for item in self._data:
+                if item.owner == owner:
+                    item.discard()
+                else:
+                    kept.append(item)
+            self._data = kept
 
     def send_splice(
         self, header: bytes, pipe_fd: int, size: int, on_moved: Callable[[int], None]
@@ -119,7 +139,8 @@ class FrameWriter:
         blocks."""
         if self._closed:
             return
-        self._data.append(_DataItem((header,), None, os.dup(pipe_fd), size, on_moved))
+        self._data.append(_DataItem((header,), None, splice_fd=os.dup(pipe_fd),
+                                     splice_size=size, on_moved=on_moved))
         self._wakeup.set()
 
     def _write_now(

@@ -219,6 +219,9 @@ class RemoteProcess:
         wait for the agent's closed."""
         self._close_streams()
         if not self.closed and not self._agent.lost:
+            # The close overtakes queued input (a control frame), which the agent would
+            # then refuse: that input is for a child being closed, so it never goes.
+            self._agent.writer.drop_queued(self.id)
             self._agent.send(Close(self.id))
         self.closed = True
 
@@ -226,6 +229,7 @@ class RemoteProcess:
         self._stdin.eof_sent = True
         for out in self._fd_out.values():
             out.eof_sent = True
+        self.credit_lot.unpark_all()  # a send waiting for credit fails now, not never
         for incoming in self._outputs.values():
             incoming.stop_reading()
 

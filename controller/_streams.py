@@ -50,7 +50,7 @@ class _Outgoing:
                 size = min(credit, len(view), self._agent.conn.max_data_payload)
                 chunk = view[:size]
                 header = self._agent.conn.send_data(self._process.id, self._ch, chunk)
-                self._agent.writer.send_data(header, chunk)
+                self._agent.writer.send_data(header, chunk, owner=self._process.id)
                 view = view[size:]
             await trio.lowlevel.cancel_shielded_checkpoint()
         finally:
@@ -78,7 +78,8 @@ class _Outgoing:
         if not self.eof_sent and not self._process.closed and not self._agent.lost:
             self.eof_sent = True
             # Through the data queue: the eof must not overtake the data before it.
-            self._agent.writer.send_data(self._agent.conn.send(Eof(self._process.id, self._ch)))
+            self._agent.writer.send_data(self._agent.conn.send(Eof(self._process.id, self._ch)),
+                                         owner=self._process.id)
         self.eof_sent = True
 
 

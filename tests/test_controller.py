@@ -674,6 +674,86 @@ async def test_leaving_a_process_with_unread_output_beyond_its_window_is_prompt(
         assert proc.returncode == -signal.SIGKILL
 
 
+@pytest.mark.parametrize("argv", [
+    ["sleep", "30"],  # running, never reading its stdin
+    # Exited; its group's sleep holds the stdin (sh gives a plain "&" job /dev/null).
+    ["sh", "-c", "exec 3<&0; sleep 30 <&3 & exit 0"],
+], ids=["running", "exited"])
+async def test_leaving_a_process_fails_the_sends_waiting_for_credit(
+        any_agent: controller.Agent, argv: list[str]) -> None:
+    # A send blocked on credit that will never come (nobody reads the child's stdin)
+    # must end when the process is closed, not wait for ever.
+    with trio.fail_after(30):
+        proc = await any_agent.open_process(argv)
+        failed: list[type[BaseException]] = []
+
+        async def feed() -> None:
+            with pytest.raises((trio.ClosedResourceError, trio.BrokenResourceError)) as raised:
+                await proc.stdin.send_all(b"x" * (8 << 20))  # > the window and the pipe
+            failed.append(raised.type)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(feed)
+            await wait_until(lambda: proc.credit_lot.statistics().tasks_waiting == 1,
+                             what="the send to wait for credit")
+            await proc.aclose()
+            with trio.fail_after(5):
+                await wait_until(lambda: bool(failed), what="the send to fail")
+
+
+async def test_closing_a_process_drops_its_queued_input(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # Input still queued here (the agent reads slower) when its process is closed used to
+    # follow the close, a control frame that overtakes data: the agent refused it, one
+    # error per frame. A relay we can stop stands for the slow agent.
+    to_relay_r, to_relay_w = os.pipe()
+    to_agent_r, to_agent_w = os.pipe()
+    from_agent_r, from_agent_w = os.pipe()
+    agent_process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "agent"], stdin=to_agent_r, stdout=from_agent_w)
+    os.close(to_agent_r)
+    os.close(from_agent_w)
+    relaying = trio.Event()
+    relaying.set()
+
+    async def relay() -> None:
+        async with trio.lowlevel.FdStream(to_relay_r) as src, \
+                trio.lowlevel.FdStream(to_agent_w) as dst:
+            while True:
+                await relaying.wait()
+                if not (data := await src.receive_some(1 << 16)):
+                    return
+                await dst.send_all(data)
+
+    with trio.fail_after(30), caplog.at_level(logging.ERROR, logger="mproxy.agent"):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relay)
+            transport = agent.FdTransport(from_agent_r, to_relay_w)
+            async with controller.connect(transport) as remote:
+                proc = await remote.open_process(["sleep", "30"], extra_fds=[3, 4])
+                relaying = trio.Event()  # stopped: what we send now waits here
+                credit = remote.conn.send_credit(proc.id, 0)  # each channel's
+                for stream in (proc.stdin, proc.fds[3], proc.fds[4]):
+                    await stream.send_all(b"x" * credit)  # returns once it is queued
+                assert proc.pid is not None
+                os.kill(proc.pid, signal.SIGKILL)  # its exit comes back unhindered
+                assert await proc.wait() == -signal.SIGKILL
+                closing = trio.Event()
+
+                async def close() -> None:
+                    await proc.aclose()
+                    closing.set()
+
+                nursery.start_soon(close)
+                await wait_until(lambda: proc.closed, what="the close to be queued")
+                relaying.set()
+                await closing.wait()
+                await remote.ping()  # the agent has read everything we sent
+                assert proc.errors == []
+        await agent_process.wait()
+    assert [r.getMessage() for r in caplog.records] == []
+
+
 @pytest.mark.parametrize("how", ["receive_some", "receive_into"])
 async def test_cancelled_reads_take_nothing(any_agent: controller.Agent, how: str) -> None:
     # Cancelled while waiting, or before it began with data waiting: what arrives or
