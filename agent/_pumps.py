@@ -372,6 +372,7 @@ class InPump:
                 id=self._child.id,
                 errno=name,
                 ref="data",
+                ch=self.ch,
             )
         )
         self._grant(pending)

@@ -196,7 +196,7 @@ class Agent:
         if process is None:
             agent_logger.error("agent error: %s", error)
             return
-        process._on_error(error, frame.ref)
+        process._on_error(error, frame.ref, frame.ch)
 
     # ------------------------------------------------------------------ API
 

@@ -108,7 +108,7 @@ class RemoteProcess:
     def _on_eof(self, ch: int) -> None:
         self._outputs[ch].feed_eof()
 
-    def _on_error(self, error: RemoteError, ref: str | None) -> None:
+    def _on_error(self, error: RemoteError, ref: str | None, channel: int | None) -> None:
         if ref == "exec":
             number = getattr(errno_module, error.errno or "", None)
             self.spawn_error = (
@@ -118,8 +118,11 @@ class RemoteProcess:
         elif ref == "signal" and self._signal_waiters:
             self._signal_done(error.errno or "ESRCH")
         elif ref == "data" and error.kind == "write-failed":
-            for out in (self._stdin, *self._fd_out.values()):
-                out.broken = f"the child no longer reads this stream: {error}"
+            outgoing = {0: self._stdin, **self._fd_out}
+            # Only that channel: the child may still read the others.
+            for ch in outgoing if channel is None else [channel]:
+                if ch in outgoing:
+                    outgoing[ch].broken = f"the child no longer reads this stream: {error}"
             self.credit_lot.unpark_all()
         else:
             self.errors.append(error)

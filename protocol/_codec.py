@@ -256,6 +256,7 @@ _FIELDS: Final[dict[str, tuple[tuple[str, str, Callable[[object], Any], bool], .
         ("id", "id", _uint, _O),
         ("errno", "errno", _str, _O),
         ("ref", "ref", _str, _O),
+        ("ch", "ch", _uint, _O),
     ),
     "log": (
         ("level", "level", _str, _R),

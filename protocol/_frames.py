@@ -174,6 +174,7 @@ class Error(Frame):
     id: int | None = None
     errno: str | None = None
     ref: str | None = None
+    ch: int | None = None  # the channel concerned (write-failed)
 
     @classmethod
     def from_exception(cls, exc: ProtocolError) -> Error:

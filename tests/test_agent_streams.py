@@ -40,7 +40,7 @@ async def test_stdin_of_a_child_that_stopped_reading() -> None:
         # agent keeps granting credit so we are told rather than blocked.
         await raw.write(kid.id, 0, b"12345" + b"x" * (4 << 20))
         error = await raw.error(kid, "write-failed")
-        assert (error.errno, error.ref) == ("EPIPE", "data")
+        assert (error.errno, error.ref, error.ch) == ("EPIPE", "data", 0)
         assert len(kid.errors) == 1
         raw.eof(kid.id)
         await raw.finished(kid)

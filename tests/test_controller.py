@@ -390,6 +390,22 @@ async def test_extra_fds_both_directions_with_half_close(any_agent: controller.A
             assert await proc.wait() == 0
 
 
+async def test_a_channel_the_child_closed_leaves_its_other_input_working(
+        any_agent: controller.Agent) -> None:
+    # EPIPE on fd 3 breaks fd 3 only: the agent names the channel in write-failed.
+    child = "import os, sys; os.close(3); sys.stdout.write(sys.stdin.read())"
+    with trio.fail_after(30):
+        async with await any_agent.open_process([sys.executable, "-c", child],
+                                                extra_fds=[3]) as proc:
+            with pytest.raises(trio.BrokenResourceError, match="channel 3 of child"):
+                while True:
+                    await proc.fds[3].send_all(b"y" * 65536)
+            await proc.stdin.send_all(b"still read")
+            await proc.stdin.aclose()
+            assert await read_all(proc.stdout) == b"still read"
+            assert await proc.wait() == 0
+
+
 async def test_extra_fd_large_echo_through_shell(any_agent: controller.Agent) -> None:
     data = random.Random(3).randbytes(6 << 20)
     with trio.fail_after(60):

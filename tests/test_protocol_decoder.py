@@ -480,7 +480,7 @@ SCHEMA: dict[str, list[tuple[str, str, bool]]] = {
     "exit": [("id", "uint", True), ("code", "int", True), ("sig", "str", False),
              ("core", "bool", False)],
     "error": [("kind", "str", True), ("msg", "str", True), ("id", "uint", False),
-              ("errno", "str", False), ("ref", "str", False)],
+              ("errno", "str", False), ("ref", "str", False), ("ch", "uint", False)],
     "log": [("level", "str", True), ("msg", "str", True), ("attrs", "strmap", False)],
     "close": [("id", "uint", True)],
     "closed": [("id", "uint", True)],
