@@ -390,12 +390,20 @@ class Agent:
 
     async def aclose(self) -> None:
         """Finish gracefully: close every process's stdin, discard its unread output, wait
-        for it to exit and release it; then shutdown and wait for the agent's goodbye."""
-        if self.lost is not None:
+        for it to exit and release it; then shutdown and wait for the agent's goodbye.
+
+        Raises :class:`AgentLost` if the agent is lost, before or meanwhile: how the
+        processes ended is then unknown. Returns at once once the goodbye is in."""
+        self.raise_if_lost()
+        if self._goodbye.is_set():
             return
-        async with trio.open_nursery() as nursery:
-            for process in list(self.processes.values()):
-                nursery.start_soon(_finish, process)
+
+        async def finish_all() -> None:
+            async with trio.open_nursery() as nursery:
+                for process in list(self.processes.values()):
+                    nursery.start_soon(_finish, process)
+
+        await _collapsing(finish_all)  # each process's AgentLost: one, not a group
         self.send(Shutdown())
         await self._goodbye.wait()
         self.raise_if_lost()
@@ -515,7 +523,8 @@ async def connect(
     send/receive pair, or a :class:`~agent.transport.Transport`).
 
     Performs the handshake and yields the :class:`Agent`. Leaving the block normally
-    finishes every process and shuts the agent down (``Agent.aclose``); leaving by an
+    finishes every process and shuts the agent down (``Agent.aclose``), raising
+    :class:`AgentLost` if the agent was lost before or meanwhile; leaving by an
     exception or cancellation closes the stream, upon which the agent kills every child.
     The streams are closed either way. No hello within ``handshake_timeout`` seconds
     raises :class:`AgentLost`.

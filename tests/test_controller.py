@@ -874,6 +874,36 @@ async def test_agent_death_fails_pending_and_later_calls() -> None:
             kill_group_quietly(pid)
 
 
+async def test_agent_lost_while_leaving_is_one_agent_lost_not_a_group() -> None:
+    # Leaving closes each child's stdin; these children then kill the agent (their
+    # parent), so each process's finish meets the loss: one AgentLost comes out.
+    kill_parent = "cat >/dev/null; kill -KILL $PPID; exec sleep 30"
+    with trio.fail_after(30), pytest.raises(controller.AgentLost, match="exit status -9"):
+        async with controller.open_agent(agent_args=GRACE_ARGS,
+                                          stderr=subprocess.DEVNULL) as conn:
+            for _ in range(2):
+                await conn.open_process(["sh", "-c", kill_parent])
+
+
+async def test_leaving_after_the_agent_was_lost_raises_agent_lost() -> None:
+    # However the block is left: the children's ends are unknown.
+    with trio.fail_after(30), pytest.raises(controller.AgentLost, match="exit status -9"):
+        async with controller.open_agent(agent_args=GRACE_ARGS,
+                                          stderr=subprocess.DEVNULL) as conn:
+            await conn.open_process(["sleep", "30"])
+            assert conn.agent_pid is not None
+            os.kill(conn.agent_pid, signal.SIGKILL)
+            await wait_until(lambda: conn.lost is not None, what="the loss to be seen")
+
+
+async def test_closing_the_agent_twice_is_fine() -> None:
+    with trio.fail_after(30):
+        async with controller.open_agent() as conn:
+            await conn.run_process(["true"])
+            await conn.aclose()
+        await conn.aclose()
+
+
 async def test_agent_that_exits_before_hello_is_lost() -> None:
     with trio.fail_after(20), pytest.raises(controller.AgentLost) as info:
         async with controller.open_agent(["sh", "-c", "exit 0"]):

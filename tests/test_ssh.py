@@ -189,7 +189,8 @@ async def test_killing_the_ssh_client_kills_every_remote_child(sshd: SshServer) 
     """SIGKILL the local ssh: sshd closes the agent's stdin, and the agent kills every
     child's whole process group (a TERM-ignoring one after the grace period), reaps them
     all and exits."""
-    with trio.fail_after(60):
+    # Leaving the block raises AgentLost too, with ssh's exit status.
+    with trio.fail_after(60), pytest.raises(controller.AgentLost, match="exit status -9"):
         async with controller.open_agent(sshd.agent_command("--grace", str(GRACE))) as agent:
             (ssh_pid,) = ssh_clients_of_this_process()
             procs = [
