@@ -73,13 +73,16 @@ def enter_own_cgroup() -> Cgroup:
 
 
 def members(path: str) -> set[int]:
-    """The live processes in cgroup ``path`` (zombies are not members); empty once it is
-    gone."""
-    try:
-        with open(os.path.join(path, "cgroup.procs"), "rb") as f:
-            return set(map(int, f.read().split()))
-    except OSError:
-        return set()
+    """The live processes in cgroup ``path`` and in its descendant cgroups (those of
+    nested agents); zombies are not members. Empty once it is gone."""
+    found: set[int] = set()
+    for cgroup, _, _ in os.walk(path):
+        try:
+            with open(os.path.join(cgroup, "cgroup.procs"), "rb") as f:
+                found.update(map(int, f.read().split()))
+        except OSError:
+            continue  # removed meanwhile
+    return found
 
 
 def kill(path: str) -> None:

@@ -31,8 +31,16 @@ from agent_harness import (
     subreaper,
     wait_all_gone,
 )
-from conftest import agent_children, cgroups_usable, children_of, guardian_of, wait_until
+from conftest import (
+    AGENT_ARGV,
+    agent_children,
+    cgroups_usable,
+    children_of,
+    guardian_of,
+    wait_until,
+)
 
+import controller
 from agent import _cgroup
 from agent import _orphans as agent_orphans
 from protocol import Exec, Goodbye, Shutdown, encode
@@ -315,6 +323,38 @@ async def test_agent_killed_outright_its_guardian_ends_descendants_that_left_the
             stderr = await agent.process.stderr.receive_some()
             assert f"ending 1 process group(s) and every process in {contained}".encode() \
                 in stderr, stderr
+
+
+@needs_cgroups
+async def test_an_agent_started_by_an_agent_is_ended_with_it() -> None:
+    # The inner agent's cgroup is nested in the outer's: killing the outer agent ends the
+    # inner one, its guardian and its children (a setsid daemon too), and both cgroups go.
+    with subreaper(), trio.fail_after(GRACE + 2 * SLACK):
+        with pytest.raises(controller.AgentLost):
+            async with controller.open_agent(agent_args=["--grace", str(GRACE)],
+                                              stderr=subprocess.DEVNULL) as outer:
+                assert outer.agent_pid is not None
+                carrier = await outer.open_process([*AGENT_ARGV, "--grace", str(GRACE)])
+                assert carrier.pid is not None
+                async with controller.connect(carrier.stdin, carrier.stdout) as inner:
+                    assert "cgroup" in inner.info.caps
+                    kid = await inner.open_process(
+                        ["sh", "-c", "setsid sleep 100 & echo $!; wait"])
+                    daemon = int(await kid.stdout.receive_some())
+                    outer_cgroup = _cgroup.cgroup_dir(outer.agent_pid)
+                    inner_cgroup = _cgroup.cgroup_dir(carrier.pid)
+                    assert os.path.dirname(inner_cgroup) == outer_cgroup
+                    assert _cgroup.cgroup_dir(daemon) == inner_cgroup
+                    os.kill(outer.agent_pid, signal.SIGKILL)
+                    await wait_until(lambda: outer.lost is not None, 10, "the loss")
+
+        def all_gone() -> bool:
+            for pid in children_of(os.getpid()):  # they come to us: reap, as init would
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
+            return gone(daemon) and not os.path.exists(outer_cgroup)
+
+        await wait_until(all_gone, GRACE + SLACK, "the daemon and both cgroups to go")
 
 
 @needs_cgroups
