@@ -144,5 +144,5 @@ def _write(path: str, name: str, text: str) -> None:
 
 
 def _describe(exc: OSError) -> str:
-    """"EACCES (Permission denied)": the errno by name, then its meaning."""
+    """The errno by name, then its meaning: ``EACCES (Permission denied)``."""
     return f"{errno.errorcode.get(exc.errno or 0, exc.errno)} ({exc.strerror})"

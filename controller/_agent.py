@@ -393,7 +393,7 @@ class Agent:
         for it to exit and release it; then shutdown and wait for the agent's goodbye.
 
         Raises :class:`AgentLost` if the agent is lost, before or meanwhile: how the
-        processes ended is then unknown. Returns at once once the goodbye is in."""
+        processes ended is then unknown. Called again after the goodbye, returns at once."""
         self.raise_if_lost()
         if self._goodbye.is_set():
             return
