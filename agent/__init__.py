@@ -48,6 +48,7 @@ async def serve(
     log_level: str = "info",
     reap_orphans: bool = False,
     guardian: Guardian | None = None,
+    contained: bool = False,
     window: int = DEFAULT_WINDOW,
     max_frame: int = DEFAULT_MAX_FRAME,
 ) -> int:
@@ -64,7 +65,9 @@ async def serve(
     itself a child subreaper) also reaps and kills descendants re-parented to it.
     ``guardian`` (from :func:`start_guardian`, in the agent's own process) is told of
     every child's process group, so that it ends them if this process is killed
-    outright. The transport is not closed.
+    outright. ``contained`` says that this process moved into a cgroup of its own
+    (``mproxy-agent`` does, where it may), announced in the hello's ``caps``. The
+    transport is not closed.
     """
     agent = Agent(
         transport,
@@ -73,6 +76,7 @@ async def serve(
         log_level=log_level,
         reap_orphans=reap_orphans,
         guardian=guardian,
+        contained=contained,
         window=window,
         max_frame=max_frame,
         version=__version__,

@@ -166,6 +166,7 @@ class Agent:
         log_level: str = "info",
         reap_orphans: bool = False,
         guardian: Guardian | None = None,
+        contained: bool = False,
         window: int = DEFAULT_WINDOW,
         max_frame: int = DEFAULT_MAX_FRAME,
         version: str = "0",
@@ -175,7 +176,7 @@ class Agent:
             Role.AGENT, max_frame_size=max_frame, window=window, impl="mproxy-agent",
             impl_version=version,
             caps=("signal-ack", "half-close", "env-policy")
-            + (("cgroup",) if guardian is not None and guardian.cgroup else ()),
+            + (("cgroup",) if contained else ()),
         )
         self.writer = FrameWriter(transport)
         self.output_budget = ByteBudget(OUTPUT_BUDGET)

@@ -11,8 +11,8 @@ out and removes it; anything left inside (normally nothing) is the guardian's to
 
 Needs cgroup v2 mounted, write access to the agent's cgroup (root, or a delegated
 subtree: systemd's ``Delegate=``, a container's own cgroup namespace) and Linux ≥ 5.14
-(``cgroup.kill``). Elsewhere :func:`enter_own_cgroup` raises :class:`NoCgroup` and the
-agent goes on guarding process groups only.
+(``cgroup.kill``). Elsewhere :func:`own_cgroup` or :meth:`Cgroup.enter` raises
+:class:`NoCgroup` and the agent goes on guarding process groups only.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import re
 import secrets
 from dataclasses import dataclass
 
-__all__ = ["Cgroup", "NoCgroup", "cgroup_dir", "enter_own_cgroup", "kill", "members", "remove"]
+__all__ = ["Cgroup", "NoCgroup", "cgroup_dir", "kill", "members", "own_cgroup", "remove"]
 
 
 class NoCgroup(Exception):
@@ -33,10 +33,31 @@ class NoCgroup(Exception):
 
 @dataclass(frozen=True)
 class Cgroup:
-    """A cgroup this process made and moved into, and the one it came from."""
+    """A cgroup of this process's own (``path``), and the one it came from."""
 
     path: str
     origin: str
+
+    def enter(self) -> None:
+        """Create the cgroup and move this process (all its threads) into it. Call it
+        before starting children: only later ones are born in it. The caller must
+        :meth:`leave` it before exiting normally; if it dies instead, someone outside it
+        (the guardian) must :func:`kill` and :func:`remove` it.
+
+        Raises :class:`NoCgroup` with the reason (no write access, an old kernel),
+        having changed nothing."""
+        try:
+            os.mkdir(self.path)
+        except OSError as exc:
+            raise NoCgroup(f"cannot create {self.path}: {_describe(exc)}") from None
+        if not os.path.exists(os.path.join(self.path, "cgroup.kill")):
+            _rmdir_quietly(self.path)
+            raise NoCgroup("the kernel has no cgroup.kill (Linux < 5.14)")
+        try:
+            _write(self.path, "cgroup.procs", str(os.getpid()))
+        except OSError as exc:
+            _rmdir_quietly(self.path)
+            raise NoCgroup(f"cannot move into {self.path}: {_describe(exc)}") from None
 
     def leave(self) -> None:
         """Move this process back to its original cgroup, and remove this one if nothing
@@ -47,29 +68,13 @@ class Cgroup:
         remove(self.path)
 
 
-def enter_own_cgroup() -> Cgroup:
-    """Create a cgroup under this process's own and move this process (all its threads)
-    into it. Call it before starting children: only later ones are born in it. The
-    caller must :meth:`Cgroup.leave` it before exiting normally; if it dies instead,
-    someone outside it (the guardian) must :func:`kill` and :func:`remove` it.
-
-    Raises :class:`NoCgroup` with the reason (no cgroup v2, no write access, an old
-    kernel), having changed nothing."""
+def own_cgroup() -> Cgroup:
+    """Name a new cgroup under this process's current one (cgroup v2), not yet created:
+    tell whoever must clean up after us its path, then :meth:`Cgroup.enter` it.
+    Raises :class:`NoCgroup` where there is no cgroup v2."""
     origin = cgroup_dir()
-    path = os.path.join(origin, f"mproxy-agent.{os.getpid()}.{secrets.token_hex(4)}")
-    try:
-        os.mkdir(path)
-    except OSError as exc:
-        raise NoCgroup(f"cannot create {path}: {_describe(exc)}") from None
-    if not os.path.exists(os.path.join(path, "cgroup.kill")):
-        _rmdir_quietly(path)
-        raise NoCgroup("the kernel has no cgroup.kill (Linux < 5.14)")
-    try:
-        _write(path, "cgroup.procs", str(os.getpid()))
-    except OSError as exc:
-        _rmdir_quietly(path)
-        raise NoCgroup(f"cannot move into {path}: {_describe(exc)}") from None
-    return Cgroup(path, origin)
+    return Cgroup(os.path.join(origin, f"mproxy-agent.{os.getpid()}.{secrets.token_hex(4)}"),
+                  origin)
 
 
 def members(path: str) -> set[int]:

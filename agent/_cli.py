@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import signal
@@ -84,8 +85,8 @@ def _claim_stdio() -> tuple[int, int]:
 
 
 async def _serve_until_signalled(
-    read_fd: int, write_fd: int, args: argparse.Namespace, reap_orphans: bool,
-    guardian: Guardian | None,
+    read_fd: int, write_fd: int, args: argparse.Namespace, *, reap_orphans: bool,
+    guardian: Guardian | None, contained: bool,
 ) -> int:
     transport = FdTransport(read_fd, write_fd)
     status = 0
@@ -96,6 +97,7 @@ async def _serve_until_signalled(
             status = await serve(
                 transport, grace=args.grace, max_children=args.max_children,
                 log_level=args.log_level, reap_orphans=reap_orphans, guardian=guardian,
+                contained=contained,
             )
             nursery.cancel_scope.cancel()
 
@@ -128,8 +130,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     cgroup = _contain(guardian) if guardian is not None and args.cgroup else None
     read_fd, write_fd = _claim_stdio()
     try:
-        return trio.run(_serve_until_signalled, read_fd, write_fd, args, reap_orphans,
-                        guardian)
+        return trio.run(functools.partial(
+            _serve_until_signalled, read_fd, write_fd, args, reap_orphans=reap_orphans,
+            guardian=guardian, contained=cgroup is not None))
     except KeyboardInterrupt:
         return 130
     finally:
@@ -143,10 +146,11 @@ def _contain(guardian: Guardian) -> _cgroup.Cgroup | None:
     """Move into a cgroup of our own for the guardian to end (after forking it: it must
     stay outside); None, said at debug level, where that cannot be done."""
     try:
-        cgroup = _cgroup.enter_own_cgroup()
+        cgroup = _cgroup.own_cgroup()
+        guardian.contain(cgroup.path)  # first: killed at any point on, nothing is left
+        cgroup.enter()
     except _cgroup.NoCgroup as exc:
         logging.getLogger("mproxy.agent").debug(
             "children are not contained in a cgroup: %s", exc)
         return None
-    guardian.contain(cgroup.path)
     return cgroup

@@ -54,12 +54,11 @@ class Guardian:
         self._fd: int | None = write_fd
         self._pending = bytearray()
         self.failure: str | None = None
-        #: The agent's own cgroup, which the guardian ends and removes; None without.
-        self.cgroup: str | None = None
 
     def contain(self, cgroup: str) -> None:
-        """The agent has moved into cgroup ``cgroup`` (before starting any child)."""
-        self.cgroup = cgroup
+        """The agent is about to create cgroup ``cgroup`` and move into it (before
+        starting any child): the guardian ends what is in it and removes it, if it
+        exists."""
         self._send(b"c%s\n" % os.fsencode(cgroup).hex().encode())
 
     def watch(self, pgid: int) -> None:

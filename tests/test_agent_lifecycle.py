@@ -326,6 +326,30 @@ async def test_agent_killed_outright_its_guardian_ends_descendants_that_left_the
 
 
 @needs_cgroups
+async def test_agent_killed_as_it_makes_its_cgroup_leaves_none_behind() -> None:
+    # The guardian is told the path before the directory exists: a kill at any moment of
+    # the start-up leaves nothing (it used to leave the directory in 10 runs of 10).
+    ours = _cgroup.cgroup_dir()
+    process = await trio.lowlevel.open_process(
+        [*AGENT_ARGV, "--grace", str(GRACE)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        prefix = f"mproxy-agent.{process.pid}."
+        deadline = trio.current_time() + 10
+        # Polled without pause: the window between the mkdir and the move is short.
+        while not (made := [d for d in os.listdir(ours) if d.startswith(prefix)]):
+            assert trio.current_time() < deadline, "the agent made no cgroup"
+        process.kill()
+        with trio.fail_after(5):
+            assert await process.wait() == -signal.SIGKILL
+        await wait_until(lambda: not os.path.exists(os.path.join(ours, made[0])), 5,
+                         "the guardian to remove the cgroup")
+    finally:
+        process.kill()
+        with trio.CancelScope(shield=True):
+            await process.wait()
+
+
+@needs_cgroups
 async def test_an_agent_started_by_an_agent_is_ended_with_it() -> None:
     # The inner agent's cgroup is nested in the outer's: killing the outer agent ends the
     # inner one, its guardian and its children (a setsid daemon too), and both cgroups go.
