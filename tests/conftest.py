@@ -3,6 +3,7 @@ to synchronise: they wait for a condition with a deadline."""
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -20,13 +21,20 @@ ROOT = Path(__file__).resolve().parent.parent
 AGENT_ARGV = [sys.executable, "-m", "agent"]
 
 
+@functools.cache
 def cgroups_usable() -> bool:
-    """Whether this machine lets the agent make a cgroup of its own: as root, with cgroup
-    v2 mounted. (Where it is not, the agent falls back to guarding process groups.)"""
+    """Whether this machine lets the agent make a cgroup of its own (cgroup v2, write
+    access, cgroup.kill), found out by making one. Where it cannot, the agent falls back
+    to guarding process groups, and the tests of the cgroup are skipped."""
     try:
-        return os.geteuid() == 0 and os.path.isdir(_cgroup.cgroup_dir())
-    except _cgroup.NoCgroup:
+        probe = _cgroup.own_cgroup().path
+        os.mkdir(probe)
+    except (_cgroup.NoCgroup, OSError):
         return False
+    try:
+        return os.path.exists(os.path.join(probe, "cgroup.kill"))
+    finally:
+        os.rmdir(probe)
 
 
 @pytest.fixture

@@ -186,7 +186,8 @@ async def test_grace_then_sigkill_for_children_that_ignore_term() -> None:
 
 # ---------------------------------------------------------------------------- guardian
 
-needs_cgroups = pytest.mark.skipif(not cgroups_usable(), reason="needs root and cgroup v2")
+needs_cgroups = pytest.mark.skipif(not cgroups_usable(),
+                                   reason="needs a cgroup v2 it may write (root)")
 
 
 def _guardian_of(agent_pid: int, kids: list[Kid]) -> int:
