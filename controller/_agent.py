@@ -571,6 +571,11 @@ async def open_agent(
     Leaving the block shuts the agent down gracefully (see :func:`connect`), or, on an
     exception or cancellation, closes its stdin so it kills every child; then waits for
     the agent process to exit (killing it after ``shutdown_timeout`` seconds).
+
+    The agent runs in a process group of its own: Ctrl-C at a terminal reaches this
+    process only (its KeyboardInterrupt or handler decides), not the agent or the ssh
+    that carries it. So an agent command must not need the terminal (no ssh password
+    prompt: use keys).
     """
     argv = list(command) if command is not None else [sys.executable, "-m", "agent"]
     argv += agent_args
@@ -579,8 +584,10 @@ async def open_agent(
     enlarge_pipe(to_agent_w)
     enlarge_pipe(from_agent_r)
     try:
+        # A process group of its own: the signals a terminal sends to its foreground
+        # group (Ctrl-C, Ctrl-\, a hangup) are ours to handle, not the agent's (or ssh's).
         process = await trio.lowlevel.open_process(
-            argv, stdin=to_agent_r, stdout=from_agent_w, stderr=stderr
+            argv, stdin=to_agent_r, stdout=from_agent_w, stderr=stderr, process_group=0
         )
     except BaseException:
         for fd in (to_agent_r, to_agent_w, from_agent_r, from_agent_w):

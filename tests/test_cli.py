@@ -184,6 +184,23 @@ def test_not_executable_is_126_and_missing_is_127(tmp_path: Path) -> None:
     assert run_exec("--", "").returncode == 126
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGQUIT, signal.SIGHUP])
+def test_a_terminal_signal_to_our_process_group_goes_to_the_child(sig: signal.Signals) -> None:
+    # Ctrl-C (Ctrl-\, a hangup) reaches the whole foreground process group: the agent
+    # must not be in it, or it stops (or dies) and the child's handler never runs.
+    name = sig.name[3:]
+    child = f"trap 'echo trapped; exit 7' {name}; echo ready; while :; do sleep 0.05; done"
+    with subprocess.Popen([*EXEC, "--", "sh", "-c", child], stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          start_new_session=True) as proc:  # a terminal's job, in effect
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"ready\n"
+        os.killpg(proc.pid, sig)
+        out, err = proc.communicate(timeout=TIMEOUT)
+    # (sh may report its sleep killed by the signal: "Quit", "Hangup", as it would here.)
+    assert (proc.returncode, out) == (7, b"trapped\n") and b"mproxy" not in err, err
+
+
 def test_agent_dying_mid_run_is_255() -> None:
     # PPID: the agent. Killed at once, it may not have told its guardian of the child's
     # group yet; the child lives on in the agent's cgroup, where the guardian ends it.
