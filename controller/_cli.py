@@ -18,7 +18,7 @@ import signal
 import socket
 import stat
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Final
 
 import trio
@@ -199,6 +199,34 @@ def _os_error(exc: trio.BrokenResourceError) -> OSError:
     return OSError(errno.EIO, str(exc))
 
 
+class _Signals:
+    """What a forwarded signal (SIGINT, SIGTERM, ...) does, from start to finish: before
+    the child runs, it ends mproxy-exec with 128+N (the agent sees its stream end and
+    cleans up); while the child runs, it goes to the child's process group; once the
+    child has exited, it is ignored, and the child's status is what we report. (A
+    receiver installed only while the child runs left a gap after its exit in which the
+    signal's default action killed mproxy-exec: 9 runs of 12 with a signal sent 0-100 ms
+    after the exit.)"""
+
+    def __init__(self, scope: trio.CancelScope) -> None:
+        self._scope = scope
+        self.process: RemoteProcess | None = None  # the child, once it runs
+        self.ended_by: int | None = None  # the signal that ended us before it ran
+
+    async def handle(self, signals: AsyncIterator[int]) -> None:
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if self.process is None:
+                self.ended_by = signum
+                self._scope.cancel()
+                return
+            if self.process.returncode is None:
+                try:
+                    await self.process.send_signal(signal.Signals(signum))
+                except OSError as exc:
+                    print(f"mproxy-exec: forwarding {name}: {exc}", file=sys.stderr)
+
+
 class _Session:
     def __init__(self, agent: Agent, process: RemoteProcess, fds: dict[int, tuple[bool, bool]]):
         self.agent = agent
@@ -246,19 +274,9 @@ class _Session:
             with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as sock:
                 sock.shutdown(socket.SHUT_WR)
 
-    async def forward_signals(self) -> None:
-        with trio.open_signal_receiver(*FORWARDED_SIGNALS) as signals:
-            async for signum in signals:
-                try:
-                    await self.process.send_signal(signal.Signals(signum))
-                except OSError as exc:
-                    print(f"mproxy-exec: forwarding {signal.Signals(signum).name}: {exc}",
-                          file=sys.stderr)
-
     async def run(self) -> int:
         process = self.process
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self.forward_signals)
             nursery.start_soon(self.pump_in, 0, process.stdin)
             outputs: list[tuple[_OutputStream, int, bool]] = [
                 (process.stdout, 1, False), (process.stderr, 2, False)]
@@ -317,6 +335,18 @@ def _env_overrides(items: list[str]) -> dict[str | bytes, str | bytes]:
 async def _main(
     args: argparse.Namespace, command: list[str] | None, fds: dict[int, tuple[bool, bool]]
 ) -> int:
+    with trio.open_signal_receiver(*FORWARDED_SIGNALS) as signals:
+        status = _EXIT_AGENT_FAILED
+        async with trio.open_nursery() as nursery:
+            policy = _Signals(nursery.cancel_scope)
+            nursery.start_soon(policy.handle, signals)
+            status = await _run(args, command, fds, policy)
+            nursery.cancel_scope.cancel()
+    return status if policy.ended_by is None else 128 + policy.ended_by
+
+
+async def _run(args: argparse.Namespace, command: list[str] | None,
+               fds: dict[int, tuple[bool, bool]], policy: _Signals) -> int:
     env_overrides = _env_overrides(args.env)
     # Without debug records from the agent, -v would show nothing in a normal run. An
     # --agent CMD is used exactly as given: its author chooses the agent's options.
@@ -345,6 +375,7 @@ async def _main(
                 await process.wait()
                 assert process.exit_code is not None
                 return process.exit_code
+            policy.process = process
             return await _Session(agent, process, fds).run()
 
 
@@ -355,6 +386,9 @@ def _check_fds(fds: list[int]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The program: returns the exit status. Meant to be the process's main: on return it
+    has set the forwarded signals to be ignored, so that none turns the status it
+    returns into 128+N while the process exits."""
     childproc.fill_standard_fds()  # a closed stdin reads as empty, not as trio's own fd
     try:
         args = _parser().parse_args(argv)
@@ -374,6 +408,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return trio.run(_main, args, command, fds)
     except BaseException as exc:  # each is reported; a bug is re-raised
         return _failure_status(exc)
+    finally:
+        # The child's status is decided: a signal from now on must not turn it into
+        # 128+N while this process exits (the receiver is gone with trio.run).
+        for signum in FORWARDED_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
 
 
 def _failure_status(exc: BaseException) -> int:

@@ -6,10 +6,12 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import shlex
 import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -199,6 +201,26 @@ def test_a_terminal_signal_to_our_process_group_goes_to_the_child(sig: signal.Si
         out, err = proc.communicate(timeout=TIMEOUT)
     # (sh may report its sleep killed by the signal: "Quit", "Hangup", as it would here.)
     assert (proc.returncode, out) == (7, b"trapped\n") and b"mproxy" not in err, err
+
+
+def test_a_signal_after_the_child_exited_leaves_its_status() -> None:
+    # Once the exit is in, a signal is the child's no longer, nor may it end us: the
+    # status stays the child's. The agent command lingers 2 s after the agent is done,
+    # which keeps mproxy-exec waiting for it while the signals arrive.
+    lingering = f"{shlex.quote(sys.executable)} -m agent; sleep 2"
+    child = "trap '' TERM INT HUP; echo $$; exit 4"
+    with subprocess.Popen([*EXEC, "--agent", f"sh -c {shlex.quote(lingering)}", "--",
+                           "sh", "-c", child], stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        assert proc.stdout is not None
+        pid = int(proc.stdout.readline())
+        deadline = time.monotonic() + TIMEOUT
+        while os.path.exists(f"/proc/{pid}"):  # reaped by the agent: its exit is sent
+            assert time.monotonic() < deadline, "the child did not end"
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            proc.send_signal(sig)
+        out, err = proc.communicate(timeout=TIMEOUT)
+    assert (proc.returncode, out, err) == (4, b"", b"")
 
 
 def test_agent_dying_mid_run_is_255() -> None:
