@@ -256,7 +256,9 @@ class _Session:
     async def pump_out(self, stream: _OutputStream, local: _LocalOutput, fd: int,
                        is_socket: bool) -> None:
         """The child → our fd until EOF; a closed reader on our side gets the child a
-        SIGPIPE, as a local pipeline would."""
+        SIGPIPE, as a local pipeline would. At EOF our end goes too (a socket is shut
+        down for writing), so that the reader sees the end when the child closed its
+        end, not when we exit; not stderr (ours too) nor an fd we also read."""
         buffer = memoryview(bytearray(_WRITE_SIZE))  # reused: no allocation per chunk
         while count := await stream.receive_into(buffer):
             try:
@@ -273,13 +275,17 @@ class _Session:
         if is_socket:
             with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as sock:
                 sock.shutdown(socket.SHUT_WR)
+        elif fd == 1 or (fd > 2 and not self.fds[fd][0]):
+            await local.aclose()
+            _let_go(fd)
 
     async def run(self) -> int:
         process = self.process
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.pump_in, 0, process.stdin)
             outputs: list[tuple[_OutputStream, int, bool]] = [
-                (process.stdout, 1, False), (process.stderr, 2, False)]
+                (process.stdout, 1, stat.S_ISSOCK(os.fstat(1).st_mode)),
+                (process.stderr, 2, False)]
             for n, (readable, writable) in self.fds.items():
                 if readable:
                     nursery.start_soon(self.pump_in, n, process.fds[n])
@@ -315,6 +321,16 @@ class _Session:
         assert process.exit_code is not None
         del returncode
         return process.exit_code
+
+
+def _let_go(fd: int) -> None:
+    """Drop our reference to what fd N is open on (/dev/null takes its place, so the
+    number stays valid)."""
+    devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.dup2(devnull, fd, inheritable=False)
+    finally:
+        os.close(devnull)
 
 
 def _buffered(stream: _OutputStream) -> list[bytes]:

@@ -3,6 +3,7 @@ forwarding, extra fds, environment, cwd, --drop-sudo, background holders and -v.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
@@ -221,6 +222,37 @@ def test_a_signal_after_the_child_exited_leaves_its_status() -> None:
             proc.send_signal(sig)
         out, err = proc.communicate(timeout=TIMEOUT)
     assert (proc.returncode, out, err) == (4, b"", b"")
+
+
+@pytest.mark.parametrize("where", ["stdout", "extra fd", "stdout socket"])
+def test_a_child_closing_its_output_early_gives_our_reader_eof_at_once(where: str) -> None:
+    # The reader of our output sees the end when the child closes its end, as it would
+    # with the child run here, not when the child (and mproxy-exec) exit.
+    if where == "stdout socket":
+        ours, theirs = socket.socketpair()
+        reader, writer = ours.detach(), theirs.detach()
+    else:
+        reader, writer = os.pipe()
+    fd = writer if where == "extra fd" else 1
+    child = (f"import os, sys, time; os.write({fd}, b'out\\n'); os.close({fd}); "
+             "sys.stderr.write('closed\\n'); sys.stderr.flush(); time.sleep(30)")
+    extra = ["--fd", str(fd)] if fd != 1 else []
+    try:
+        with subprocess.Popen([*EXEC, *extra, *python_child(child)],
+                              stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              stdout=writer if fd == 1 else subprocess.DEVNULL,
+                              pass_fds=(writer,) if fd != 1 else ()) as proc:
+            os.close(writer)
+            with os.fdopen(reader, "rb") as stream:
+                assert stream.read() == b"out\n"  # to the end, while the child sleeps on
+            assert proc.poll() is None
+            proc.send_signal(signal.SIGTERM)  # forwarded: ends the sleep
+            _, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        for each in (reader, writer):
+            with contextlib.suppress(OSError):
+                os.close(each)
+    assert (proc.returncode, err) == (128 + signal.SIGTERM, b"closed\n")
 
 
 def test_agent_dying_mid_run_is_255() -> None:
