@@ -215,16 +215,16 @@ class _Signals:
 
     async def handle(self, signals: AsyncIterator[int]) -> None:
         async for signum in signals:
-            name = signal.Signals(signum).name
             if self.process is None:
                 self.ended_by = signum
                 self._scope.cancel()
                 return
             if self.process.returncode is None:
+                sig = signal.Signals(signum)
                 try:
-                    await self.process.send_signal(signal.Signals(signum))
+                    await self.process.send_signal(sig)
                 except OSError as exc:
-                    print(f"mproxy-exec: forwarding {name}: {exc}", file=sys.stderr)
+                    print(f"mproxy-exec: forwarding {sig.name}: {exc}", file=sys.stderr)
 
 
 class _Session:
