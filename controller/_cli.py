@@ -24,6 +24,7 @@ from typing import Final
 import trio
 
 import childproc
+from agent import __version__
 from protocol import LocalProtocolError
 
 from ._agent import Agent, _collapse, open_agent
@@ -41,6 +42,7 @@ _READ_SIZE: Final = 1 << 18
 #: Most bytes written to our fd at once: each write is a worker-thread round trip.
 _WRITE_SIZE: Final = 1 << 20
 _EXIT_AGENT_FAILED: Final = 255
+_EXIT_NOT_FOUND: Final = 127
 _USAGE: Final = 2
 
 
@@ -56,12 +58,20 @@ class _ArgumentParser(argparse.ArgumentParser):
         raise _UsageError(message)
 
 
+_USAGE_LINE: Final = """\
+%(prog)s [-h] [--version] [--agent CMD | --ssh DEST [-o SSH_OPTION]...]
+                   [--env K=V]... [--unset NAME]... [--clear-env] [--cwd DIR] [--fd N]...
+                   [--drop-sudo] [-v] [--] PROG [ARG...]"""
+
 def _parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(
         prog="mproxy-exec",
-        description="Run PROG through an mproxy agent (local by default, or over ssh) with "
+        usage=_USAGE_LINE,
+        description="Run PROG through an mproxy agent (local by default, or over ssh) with\n"
         "this terminal's stdin, stdout and stderr, forwarding signals and the exit status.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"mproxy-exec {__version__}")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--agent", metavar="CMD",
                        help="command that starts an agent, split like a shell would "
@@ -84,9 +94,65 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="show the agent's log records on stderr (the default "
                         "and --ssh agents are asked for debug records)")
-    parser.add_argument("prog", metavar="PROG")
-    parser.add_argument("args", nargs=argparse.REMAINDER, metavar="ARG")
+    # One REMAINDER positional rather than PROG then ARG...: argparse then keeps every
+    # "--" after PROG (it dropped the first: `echo -- a` ran `echo a`), and an absent
+    # PROG is ours to report.
+    parser.add_argument("command", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return parser
+
+
+def _shown(text: str) -> str:
+    """``text`` (PROG, a path, a name) as a shell would read it back: shlex-quoted when it
+    is printable UTF-8 (``echo``, ``'my file'``, ``''``); else in bash's ``$'...'`` with
+    each undecodable or unprintable byte as ``\\xNN`` (not the ``\\udcNN`` Python
+    decodes an undecodable byte to)."""
+    decoded = os.fsencode(text).decode("utf-8", "surrogateescape")
+    if decoded.isprintable():
+        return shlex.quote(decoded)
+    return "$'" + "".join(map(_escaped, decoded)) + "'"
+
+
+def _escaped(char: str) -> str:
+    if "\udc80" <= char <= "\udcff":  # an undecodable byte (surrogateescape)
+        return f"\\x{ord(char) - 0xdc00:02x}"
+    if char in "\\'":
+        return "\\" + char
+    if not char.isprintable():
+        return "".join(f"\\x{byte:02x}" for byte in char.encode())
+    return char
+
+
+def _program(args: argparse.Namespace) -> list[str]:
+    """PROG and its ARGs; raises _UsageError without PROG."""
+    command: list[str] = args.command
+    if command[:1] == ["--"]:  # the "--" before PROG, which argparse leaves in
+        command = command[1:]
+    if not command:
+        raise _UsageError("PROG is missing (the program to run)")
+    for index, arg in enumerate(command):
+        _check_no_nul("PROG" if index == 0 else "ARG", arg)
+    return command
+
+
+def _check_no_nul(option: str, value: str) -> None:
+    # A command line cannot carry a NUL, but main(argv) can: it would end the string
+    # the child gets.
+    if "\0" in value:
+        raise _UsageError(f"{option} {_shown(value)}: contains a NUL byte")
+
+
+def _check_environment(args: argparse.Namespace) -> None:
+    """--unset names and --cwd, checked before the agent starts (``_env_overrides``
+    checks --env)."""
+    for name in args.unset:
+        _check_no_nul("--unset", name)
+        if not name or "=" in name:
+            raise _UsageError(f"--unset {_shown(name)}: not a variable name "
+                              "(empty, or containing '=')")
+    if args.cwd is not None:
+        _check_no_nul("--cwd", args.cwd)
+        if not args.cwd:
+            raise _UsageError("--cwd '': empty directory name")
 
 
 def _agent_command(args: argparse.Namespace) -> list[str] | None:
@@ -341,9 +407,10 @@ def _buffered(stream: _OutputStream) -> list[bytes]:
 def _env_overrides(items: list[str]) -> dict[str | bytes, str | bytes]:
     env_overrides: dict[str | bytes, str | bytes] = {}
     for item in items:
+        _check_no_nul("--env", item)
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise _UsageError(f"--env {item!r}: expected K=V")
+            raise _UsageError(f"--env {_shown(item)}: expected K=V with a non-empty K")
         env_overrides[key] = value
     return env_overrides
 
@@ -370,7 +437,7 @@ async def _run(args: argparse.Namespace, command: list[str] | None,
     async with open_agent(command, agent_args=verbose_args) as agent:
         try:
             process = agent._start(
-                [args.prog, *args.args],
+                args.program,
                 env=env_overrides if args.clear_env else None,
                 env_overrides=None if args.clear_env else env_overrides,
                 env_remove=() if args.clear_env else args.unset,
@@ -385,7 +452,8 @@ async def _run(args: argparse.Namespace, command: list[str] | None,
                 await process._wait_started()
             except (OSError, RemoteError) as exc:
                 message = exc.strerror if isinstance(exc, OSError) else exc.message
-                print(f"mproxy-exec: {args.prog}: {message or exc}", file=sys.stderr)
+                print(f"mproxy-exec: {_shown(args.program[0])}: {message or exc}",
+                      file=sys.stderr)
                 # The agent's exit frame follows its error: 127 when the program was not
                 # found, 126 for any other failure (a missing --cwd, no permission...).
                 await process.wait()
@@ -408,14 +476,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     childproc.fill_standard_fds()  # a closed stdin reads as empty, not as trio's own fd
     try:
         args = _parser().parse_args(argv)
+        args.program = _program(args)
         command = _agent_command(args)
         _check_fds(args.fd)
         _env_overrides(args.env)
+        _check_environment(args)
         # Before trio.run: afterwards an fd the caller never opened could be trio's own.
         fds = {n: _directions(n) for n in args.fd}
     except _UsageError as exc:
         print(f"mproxy-exec: {exc}\n{_parser().format_usage()}", end="", file=sys.stderr)
         return _USAGE
+    if not args.program[0]:
+        # No system has a program by that name (execvp fails with ENOENT): 127, as
+        # bash says, without asking an agent.
+        print("mproxy-exec: '': command not found (PROG is empty)", file=sys.stderr)
+        return _EXIT_NOT_FOUND
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.ERROR, stream=sys.stderr,
         format="mproxy-exec: agent %(levelname)s: %(message)s",

@@ -22,6 +22,8 @@ import pytest
 import trio
 from conftest import cgroups_usable
 
+from controller._cli import main as exec_main
+
 EXEC = [sys.executable, "-m", "controller"]
 TIMEOUT = 30.0
 
@@ -184,7 +186,27 @@ def test_not_executable_is_126_and_missing_is_127(tmp_path: Path) -> None:
     done = run_exec("--cwd", str(tmp_path / "missing"), "--", "true")
     assert done.returncode == 126  # not found, but not the program: the agent's status
     assert b"cannot enter directory" in done.stderr
-    assert run_exec("--", "").returncode == 126
+
+
+def test_empty_prog_is_not_found_without_asking_an_agent() -> None:
+    # As bash: `'' ` is never a command. The agent command would fail (255): not started.
+    done = run_exec("--agent", "false", "--", "")
+    assert (done.returncode, done.stdout) == (127, b"")
+    assert done.stderr == b"mproxy-exec: '': command not found (PROG is empty)\n"
+
+
+def test_an_undecodable_name_is_shown_as_a_shell_would_read_it() -> None:
+    # Not as the surrogate Python decodes the byte to ("\\udcff").
+    prog = os.fsdecode(b"no-such-\xff-mproxy")
+    done = run_exec("--", prog)
+    assert done.returncode == 127
+    assert done.stderr.startswith(b"mproxy-exec: $'no-such-\\xff-mproxy': "), done.stderr
+    done = run_exec("--unset", os.fsdecode(b"\xff=1"), "--", "true")
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[0] == (
+        b"mproxy-exec: --unset $'\\xff=1': not a variable name (empty, or containing '=')")
+    done = run_exec("--", "no such program")
+    assert done.stderr.startswith(b"mproxy-exec: 'no such program': "), done.stderr
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGQUIT, signal.SIGHUP])
@@ -295,20 +317,79 @@ def test_agent_failure_is_255(agent: str) -> None:
     ["--fd", "3", "--", "true"],  # not open here either, whatever trio opens later
     ["--cwd", "", "--", "true"],
     ["--unset", "", "--", "true"],
+    ["--unset", "A=B", "--", "true"],
+    ["--env", "=x", "--", "true"],
     [],
+    ["--"],
+    ["-v", "--"],
     ["--agent", "", "--", "true"],
     ["--agent", "'unterminated", "--", "true"],
     ["--ssh", "host", "--agent", "x", "--", "true"],
     ["-o", "BatchMode=yes", "--", "true"],
     ["--env", "NOEQUALS", "--", "true"],
 ], ids=["unknown-option", "fd-1", "fd-not-int", "fd-99-not-open", "fd-3-not-open",
-        "empty-cwd", "empty-unset", "no-prog", "empty-agent",
+        "empty-cwd", "empty-unset", "unset-with-equals", "env-empty-key", "no-prog",
+        "dashdash-only", "option-then-dashdash-only", "empty-agent",
         "bad-quoting", "ssh-and-agent", "o-without-ssh", "env-without-equals"])
 def test_usage_errors_are_2(args: list[str]) -> None:
     done = run_exec(*args)
     assert done.returncode == 2
     assert done.stdout == b""
-    assert done.stderr.startswith(b"mproxy-exec: ")
+    # One line naming the problem, then the usage; nothing from an agent.
+    message, usage = done.stderr.decode().split("\n", 1)
+    assert message.startswith("mproxy-exec: ") and "frame" not in message, message
+    assert usage.startswith("usage: mproxy-exec [-h] [--version] "), usage
+    assert usage.endswith(" [--] PROG [ARG...]\n"), usage
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ([], "PROG is missing (the program to run)"),
+    (["--"], "PROG is missing (the program to run)"),
+    (["--unset", "A=B", "--", "true"],
+     "--unset A=B: not a variable name (empty, or containing '=')"),
+    (["--unset", "", "--", "true"], "--unset '': not a variable name (empty, or containing '=')"),
+    (["--cwd", "", "--", "true"], "--cwd '': empty directory name"),
+    (["--env", "=x", "--", "true"], "--env =x: expected K=V with a non-empty K"),
+], ids=["no-prog", "dashdash-only", "unset-with-equals", "empty-unset", "empty-cwd",
+        "env-empty-key"])
+def test_usage_errors_say_what_is_wrong_before_any_agent_starts(
+        args: list[str], message: str) -> None:
+    # An agent that cannot start (255) shows that none was asked.
+    done = run_exec("--agent", "false", *args)
+    assert done.returncode == 2
+    assert done.stderr.decode().splitlines()[0] == f"mproxy-exec: {message}"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--env", "A=\0"], "--env $'A=\\x00': contains a NUL byte"),
+    (["--unset", "A\0"], "--unset $'A\\x00': contains a NUL byte"),
+    (["--cwd", "/\0"], "--cwd $'/\\x00': contains a NUL byte"),
+    (["--", "echo", "a\0"], "ARG $'a\\x00': contains a NUL byte"),
+], ids=["env", "unset", "cwd", "arg"])
+def test_a_nul_is_a_usage_error(args: list[str], message: str,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    # No command line carries a NUL: main(argv), in this process, can. It returns before
+    # starting anything.
+    argv = args if "--" in args else [*args, "--", "true"]
+    assert exec_main(argv) == 2
+    assert capsys.readouterr().err.splitlines()[0] == f"mproxy-exec: {message}"
+
+
+def test_version_is_the_agents() -> None:
+    ours = run_exec("--version")
+    agents = subprocess.run([sys.executable, "-m", "agent", "--version"], capture_output=True,
+                            timeout=TIMEOUT, check=True)
+    assert (ours.returncode, ours.stderr) == (0, b"")
+    name, version = ours.stdout.decode().split()
+    assert name == "mproxy-exec"
+    assert agents.stdout.decode() == f"mproxy-agent {version}\n"
+
+
+def test_every_dashdash_after_prog_is_passed_on() -> None:
+    done = run_exec("echo", "--", "a")
+    assert (done.returncode, done.stdout) == (0, b"-- a\n")
+    done = run_exec("--", "echo", "--", "b")
+    assert (done.returncode, done.stdout) == (0, b"-- b\n")
 
 
 # ---------------------------------------------------------------- signals
