@@ -59,7 +59,7 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 
 _USAGE_LINE: Final = """\
-%(prog)s [-h] [--version] [--agent CMD | --ssh DEST [-o SSH_OPTION]...]
+%(prog)s [-h] [--version] [--agent CMD | --ssh DEST [-o SSH_OPTION]...] [-n]
                    [--env K=V]... [--unset NAME]... [--clear-env] [--cwd DIR] [--fd N]...
                    [--drop-sudo] [-v] [--] PROG [ARG...]"""
 
@@ -80,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="short for --agent 'ssh DEST mproxy-agent'")
     parser.add_argument("-o", dest="ssh_options", action="append", default=[],
                         metavar="SSH_OPTION", help="ssh -o option (with --ssh)")
+    parser.add_argument("-n", dest="no_stdin", action="store_true",
+                        help="stdin from /dev/null, as ssh -n: PROG reads EOF at once and "
+                        "mproxy-exec never reads its own stdin (e.g. in a 'while read' loop)")
     parser.add_argument("--env", action="append", default=[], metavar="K=V",
                         help="set a variable in the child's environment")
     parser.add_argument("--unset", action="append", default=[], metavar="NAME",
@@ -294,10 +297,12 @@ class _Signals:
 
 
 class _Session:
-    def __init__(self, agent: Agent, process: RemoteProcess, fds: dict[int, tuple[bool, bool]]):
+    def __init__(self, agent: Agent, process: RemoteProcess, fds: dict[int, tuple[bool, bool]],
+                 *, stdin: bool):
         self.agent = agent
         self.process = process
         self.fds = fds
+        self.stdin = stdin  # False (-n): the child's stdin ends at once; fd 0 is not read
 
     async def pump_in(self, fd: int, stream: trio.abc.SendStream) -> None:
         """Our fd → the child; eof (half-close) when our side ends."""
@@ -348,7 +353,10 @@ class _Session:
     async def run(self) -> int:
         process = self.process
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self.pump_in, 0, process.stdin)
+            if self.stdin:
+                nursery.start_soon(self.pump_in, 0, process.stdin)
+            else:
+                await process.stdin.aclose()
             outputs: list[tuple[_OutputStream, int, bool]] = [
                 (process.stdout, 1, stat.S_ISSOCK(os.fstat(1).st_mode)),
                 (process.stderr, 2, False)]
@@ -460,7 +468,7 @@ async def _run(args: argparse.Namespace, command: list[str] | None,
                 assert process.exit_code is not None
                 return process.exit_code
             policy.process = process
-            return await _Session(agent, process, fds).run()
+            return await _Session(agent, process, fds, stdin=not args.no_stdin).run()
 
 
 def _check_fds(fds: list[int]) -> None:

@@ -538,6 +538,36 @@ def test_verbose_shows_agent_log_records() -> None:
     assert quiet.stderr == b""
 
 
+def test_n_leaves_our_stdin_to_a_while_read_loop(tmp_path: Path) -> None:
+    # -n: the child reads EOF at once and mproxy-exec never reads fd 0, so the loop's
+    # input is the loop's. Without it, the first run's child (cat) reads the rest.
+    lines = tmp_path / "lines"
+    lines.write_text("one\ntwo\nthree\n")
+    exec_cmd = shlex.join(EXEC)
+    loop = f'while read l; do echo "got $l"; {exec_cmd} {{}} -- cat || exit 9; done < {lines}'
+    with_n = subprocess.run(["bash", "-c", loop.format("-n")], capture_output=True,
+                            timeout=TIMEOUT, check=False)
+    assert (with_n.returncode, with_n.stderr) == (0, b"")
+    assert with_n.stdout == b"got one\ngot two\ngot three\n"
+    without = subprocess.run(["bash", "-c", loop.format("")], capture_output=True,
+                             timeout=TIMEOUT, check=False)
+    assert (without.returncode, without.stderr) == (0, b"")
+    assert without.stdout == b"got one\ntwo\nthree\n"
+
+
+async def test_n_ends_the_childs_stdin_while_ours_stays_open() -> None:
+    # Our stdin is a pipe nobody closes: only -n lets `cat` end.
+    with trio.fail_after(TIMEOUT):
+        async with spawned([*EXEC, "-n", "--", "sh", "-c", "cat; echo cat-ended"],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE) as proc:
+            assert proc.stdin is not None and proc.stdout is not None
+            await proc.stdin.send_all(b"never read\n")
+            output = b""
+            while chunk := await proc.stdout.receive_some():
+                output += chunk
+            assert (await proc.wait(), output) == (0, b"cat-ended\n")
+
+
 def test_closed_stdin_reads_as_empty() -> None:
     # With fd 0 closed, trio's own fds could land on it; mproxy-exec must read "no input".
     done = subprocess.run(
