@@ -18,6 +18,7 @@ import signal
 import socket
 import stat
 import sys
+import textwrap
 from collections.abc import AsyncIterator, Sequence
 from typing import Final
 
@@ -25,6 +26,7 @@ import trio
 
 import childproc
 from agent import __version__
+from agent._env import DEFAULT_KEEP, DEFAULT_REMOVE
 from protocol import LocalProtocolError
 
 from ._agent import Agent, _collapse, open_agent
@@ -63,12 +65,25 @@ _USAGE_LINE: Final = """\
                    [--env K=V]... [--unset NAME]... [--clear-env] [--cwd DIR] [--fd N]...
                    [--drop-sudo] [-v] [--] PROG [ARG...]"""
 
+_EPILOG: Final = f"""\
+environment:
+  With the default agent (a local one), PROG gets exactly mproxy-exec's environment, as
+  if it were run here. With --agent or --ssh, it gets the agent's own environment (over
+  ssh: the remote login's) filtered by the agent's policy, which by default
+{textwrap.fill(" ".join(DEFAULT_KEEP), 88, initial_indent="    keeps    ",
+               subsequent_indent=" " * 13)}
+{textwrap.fill(" ".join(DEFAULT_REMOVE), 88, initial_indent="    removes  ")}
+  (remove wins; every other variable is dropped). Then --unset removes and --env sets
+  variables; --clear-env starts from an empty environment instead."""
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(
         prog="mproxy-exec",
         usage=_USAGE_LINE,
         description="Run PROG through an mproxy agent (local by default, or over ssh) with\n"
         "this terminal's stdin, stdout and stderr, forwarding signals and the exit status.",
+        epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"mproxy-exec {__version__}")
@@ -436,6 +451,20 @@ async def _main(
     return status if policy.ended_by is None else 128 + policy.ended_by
 
 
+def _environment(args: argparse.Namespace,
+                 command: list[str] | None) -> dict[str | bytes, str | bytes] | None:
+    """The exact environment the exec carries, or None for the agent's (filtered by its
+    policy). The default agent is local, started by us with our environment: its child
+    gets that environment whole, as a child run here would (LD_LIBRARY_PATH included),
+    which the policy would cut to a few names. Sent rather than inherited, it is ours
+    exactly, whatever the agent's process adds to its own."""
+    if args.clear_env:
+        return {}
+    if command is None:
+        return {key: value for key, value in os.environb.items()}
+    return None
+
+
 async def _run(args: argparse.Namespace, command: list[str] | None,
                fds: dict[int, tuple[bool, bool]], policy: _Signals) -> int:
     env_overrides = _env_overrides(args.env)
@@ -446,9 +475,9 @@ async def _run(args: argparse.Namespace, command: list[str] | None,
         try:
             process = agent._start(
                 args.program,
-                env=env_overrides if args.clear_env else None,
-                env_overrides=None if args.clear_env else env_overrides,
-                env_remove=() if args.clear_env else args.unset,
+                env=_environment(args, command),
+                env_overrides=env_overrides,
+                env_remove=args.unset,
                 cwd=args.cwd,
                 extra_fds=sorted(fds),
                 drop_sudo_credentials=args.drop_sudo,

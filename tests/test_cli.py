@@ -482,11 +482,50 @@ async def test_fd_socket_carries_both_directions_with_half_close() -> None:
             assert bytes(answer) == b"PING OVER FD\n"
             assert proc.returncode is None
             await proc.stdin.aclose()
-            assert await proc.stdout.receive_some() == b"child done\n"
+            # To the end: print() writes the line in two when unbuffered (PYTHONUNBUFFERED
+            # in our environment, which the child gets).
+            output = b""
+            while piece := await proc.stdout.receive_some():
+                output += piece
+            assert output == b"child done\n"
             assert await proc.wait() == 0
 
 
 # ---------------------------------------------------------------- environment, cwd, sudo
+
+
+def child_environment(output: bytes) -> dict[bytes, bytes]:
+    """What /usr/bin/env printed (no value here spans lines)."""
+    return dict(line.split(b"=", 1) for line in output.splitlines())
+
+
+def test_the_local_agent_passes_our_environment_whole() -> None:
+    # As a child run here would get it: not the few names the agent's policy keeps.
+    env = {**os.environ, "FOO": "bar", "LD_LIBRARY_PATH": "/opt/mproxy-test/lib",
+           "MPROXY_TEST": "1", "LC_ALL": "C"}
+    done = run_exec("--", "/usr/bin/env", env=env)
+    assert (done.returncode, done.stderr) == (0, b"")
+    assert child_environment(done.stdout) == {os.fsencode(k): os.fsencode(v)
+                                              for k, v in env.items()}
+    done = run_exec("--unset", "FOO", "--unset", "LD_LIBRARY_PATH", "--env", "NEW=v", "--",
+                    "/usr/bin/env", env=env)
+    expected = {k: v for k, v in env.items() if k not in ("FOO", "LD_LIBRARY_PATH")}
+    assert child_environment(done.stdout) == {os.fsencode(k): os.fsencode(v)
+                                              for k, v in {**expected, "NEW": "v"}.items()}
+
+
+def test_an_explicit_agent_applies_its_policy() -> None:
+    # --agent (or --ssh): the agent's own environment, filtered by its policy, which the
+    # default agent's run of mproxy-exec bypasses.
+    env = {**os.environ, "FOO": "bar", "LD_LIBRARY_PATH": "/opt/mproxy-test/lib",
+           "HOME": "/home/somebody"}
+    done = run_exec("--agent", f"{shlex.quote(sys.executable)} -m agent", "--env", "NEW=v",
+                    "--", "/usr/bin/env", env=env)
+    assert (done.returncode, done.stderr) == (0, b"")
+    child_env = child_environment(done.stdout)
+    assert b"FOO" not in child_env and b"LD_LIBRARY_PATH" not in child_env
+    assert (child_env[b"HOME"], child_env[b"NEW"]) == (b"/home/somebody", b"v")
+    assert child_env[b"PATH"] == os.environb[b"PATH"]
 
 
 def test_env_unset_and_clear_env() -> None:
@@ -498,7 +537,7 @@ def test_env_unset_and_clear_env() -> None:
 
     done = run_exec("--unset", "HOME", "--env", "LANG=C", "--env", "NEW=v", "--",
                     "/usr/bin/env", env=env)
-    child_env = dict(line.split(b"=", 1) for line in done.stdout.splitlines())
+    child_env = child_environment(done.stdout)
     assert b"HOME" not in child_env
     assert child_env[b"LANG"] == b"C"
     assert child_env[b"NEW"] == b"v"
