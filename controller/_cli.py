@@ -1,8 +1,9 @@
 """``mproxy-exec``: run one program through an agent, as if it were local.
 
-Exit status: the program's (128+N when killed by signal N); 127 when it was not found,
-126 when it could not be executed; 255 when the agent or its transport failed; 2 for
-usage errors. Never a traceback.
+Exit status: the program's (128+N when killed by a signal N that we did not forward to
+it); 127 when it was not found, 126 when it could not be executed; 255 when the agent or
+its transport failed; 2 for usage errors. A program killed by the signal we forwarded
+ends mproxy-exec by that signal. Never a traceback.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import errno
 import fcntl
 import logging
 import os
+import resource
 import shlex
 import signal
 import socket
@@ -74,7 +76,14 @@ environment:
                subsequent_indent=" " * 13)}
 {textwrap.fill(" ".join(DEFAULT_REMOVE), 88, initial_indent="    removes  ")}
   (remove wins; every other variable is dropped). Then --unset removes and --env sets
-  variables; --clear-env starts from an empty environment instead."""
+  variables; --clear-env starts from an empty environment instead.
+
+exit status:
+  PROG's (128+N when a signal N killed it); 127 PROG not found, 126 not executable, 255
+  the agent or its transport failed, 2 usage error. SIGINT, SIGTERM, SIGHUP, SIGQUIT,
+  SIGUSR1 and SIGUSR2 are forwarded to PROG while it runs: when PROG dies of the signal
+  forwarded to it, mproxy-exec ends itself by that signal, as PROG did (so that a shell
+  loop stops at Ctrl-C); such a signal before PROG runs ends mproxy-exec by it too."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -285,30 +294,46 @@ def _os_error(exc: trio.BrokenResourceError) -> OSError:
 
 class _Signals:
     """What a forwarded signal (SIGINT, SIGTERM, ...) does, from start to finish: before
-    the child runs, it ends mproxy-exec with 128+N (the agent sees its stream end and
-    cleans up); while the child runs, it goes to the child's process group; once the
-    child has exited, it is ignored, and the child's status is what we report. (A
-    receiver installed only while the child runs left a gap after its exit in which the
-    signal's default action killed mproxy-exec: 9 runs of 12 with a signal sent 0-100 ms
-    after the exit.)"""
+    the child runs, it ends mproxy-exec (the agent sees its stream end and cleans up),
+    by that signal (see :meth:`fatal`); while the child runs, it goes to the child's
+    process group; once the child has exited, it is ignored, and the child's status is
+    what we report. (A receiver installed only while the child runs left a gap after its
+    exit in which the signal's default action killed mproxy-exec: 9 runs of 12 with a
+    signal sent 0-100 ms after the exit.)"""
 
     def __init__(self, scope: trio.CancelScope) -> None:
         self._scope = scope
         self.process: RemoteProcess | None = None  # the child, once it runs
-        self.ended_by: int | None = None  # the signal that ended us before it ran
+        self._ended_by: signal.Signals | None = None  # what ended us before it ran
+        self._forwarded: set[signal.Signals] = set()
 
     async def handle(self, signals: AsyncIterator[int]) -> None:
         async for signum in signals:
+            sig = signal.Signals(signum)
             if self.process is None:
-                self.ended_by = signum
+                self._ended_by = sig
                 self._scope.cancel()
                 return
             if self.process.returncode is None:
-                sig = signal.Signals(signum)
+                # Counted before it is sent: the child may die of it, and we may be
+                # done, before the acknowledgement is in.
+                self._forwarded.add(sig)
                 try:
                     await self.process.send_signal(sig)
                 except OSError as exc:
                     print(f"mproxy-exec: forwarding {sig.name}: {exc}", file=sys.stderr)
+
+    def fatal(self) -> signal.Signals | None:
+        """The signal mproxy-exec must end itself by, as a program that a signal ended:
+        the one that ended it before the child ran, or the forwarded signal the child
+        died of. None when the child died of a signal we did not forward (``kill``
+        from elsewhere, our SIGPIPE): that is reported as 128+N."""
+        if self._ended_by is not None:
+            return self._ended_by
+        returncode = self.process.returncode if self.process is not None else None
+        if returncode is not None and -returncode in self._forwarded:
+            return signal.Signals(-returncode)
+        return None
 
 
 class _Session:
@@ -440,7 +465,8 @@ def _env_overrides(items: list[str]) -> dict[str | bytes, str | bytes]:
 
 async def _main(
     args: argparse.Namespace, command: list[str] | None, fds: dict[int, tuple[bool, bool]]
-) -> int:
+) -> tuple[int, signal.Signals | None]:
+    """The exit status, and the signal to end this process by instead (or None)."""
     with trio.open_signal_receiver(*FORWARDED_SIGNALS) as signals:
         status = _EXIT_AGENT_FAILED
         async with trio.open_nursery() as nursery:
@@ -448,7 +474,8 @@ async def _main(
             nursery.start_soon(policy.handle, signals)
             status = await _run(args, command, fds, policy)
             nursery.cancel_scope.cancel()
-    return status if policy.ended_by is None else 128 + policy.ended_by
+    fatal = policy.fatal()
+    return (status if fatal is None else 128 + fatal), fatal
 
 
 def _environment(args: argparse.Namespace,
@@ -507,9 +534,10 @@ def _check_fds(fds: list[int]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The program: returns the exit status. Meant to be the process's main: on return it
-    has set the forwarded signals to be ignored, so that none turns the status it
-    returns into 128+N while the process exits."""
+    """The program: returns the exit status, or ends this process by a signal (see
+    :meth:`_Signals.fatal`). Meant to be the process's main: on return it has set the
+    forwarded signals to be ignored, so that none turns the status it returns into
+    128+N while the process exits."""
     childproc.fill_standard_fds()  # a closed stdin reads as empty, not as trio's own fd
     try:
         args = _parser().parse_args(argv)
@@ -533,18 +561,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="mproxy-exec: agent %(levelname)s: %(message)s",
     )
     try:
-        return trio.run(_main, args, command, fds)
+        status, fatal = trio.run(_main, args, command, fds)
     except BaseException as exc:  # each is reported; a bug is re-raised
-        return _failure_status(exc)
+        status, fatal = _failure_status(exc)
     finally:
         # The child's status is decided: a signal from now on must not turn it into
         # 128+N while this process exits (the receiver is gone with trio.run).
         for signum in FORWARDED_SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
+    if fatal is not None:
+        _end_by(fatal)
+    return status
 
 
-def _failure_status(exc: BaseException) -> int:
-    """Report ``exc`` in one line and return the exit status; re-raise what is a bug."""
+def _end_by(sig: signal.Signals) -> None:
+    """End this process by ``sig``, its cleanup done: a shell tells a program that a
+    signal ended from one that exited 128+N (bash ends a loop only for the first), and
+    must see the signal it sent. The default action of each forwarded signal ends the
+    process before ``os.kill`` returns; the core SIGQUIT would dump is turned off (it
+    would be ours, not the child's)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError):
+            stream.flush()
+    if sig == signal.SIGQUIT:
+        _, hard = resource.getrlimit(resource.RLIMIT_CORE)
+        resource.setrlimit(resource.RLIMIT_CORE, (0, hard))
+    signal.signal(sig, signal.SIG_DFL)
+    os.kill(os.getpid(), sig)
+
+
+def _failure_status(exc: BaseException) -> tuple[int, signal.Signals | None]:
+    """Report ``exc`` in one line and return the exit status, with the signal to end this
+    process by instead (SIGINT for a KeyboardInterrupt: trio's own SIGINT handler got
+    it, outside our receiver); re-raise what is a bug."""
     if isinstance(exc, BaseExceptionGroup):
         single = _collapse(exc)  # e.g. AgentLost hit by several tasks at once
         if single is exc:
@@ -552,13 +601,13 @@ def _failure_status(exc: BaseException) -> int:
         exc = single
     if isinstance(exc, _UsageError):
         print(f"mproxy-exec: {exc}", file=sys.stderr)
-        return _USAGE
+        return _USAGE, None
     if isinstance(exc, (AgentError, trio.BrokenResourceError)):
         print(f"mproxy-exec: agent failed: {exc}", file=sys.stderr)
-        return _EXIT_AGENT_FAILED
+        return _EXIT_AGENT_FAILED, None
     if isinstance(exc, OSError):
         print(f"mproxy-exec: cannot start the agent: {exc}", file=sys.stderr)
-        return _EXIT_AGENT_FAILED
+        return _EXIT_AGENT_FAILED, None
     if isinstance(exc, KeyboardInterrupt):
-        return 130
+        return 128 + signal.SIGINT, signal.SIGINT
     raise exc

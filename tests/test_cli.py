@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import os
 import random
+import resource
 import shlex
 import signal
 import socket
@@ -276,7 +277,7 @@ def test_a_child_closing_its_output_early_gives_our_reader_eof_at_once(where: st
         for each in (reader, writer):
             with contextlib.suppress(OSError):
                 os.close(each)
-    assert (proc.returncode, err) == (128 + signal.SIGTERM, b"")
+    assert (proc.returncode, err) == (-signal.SIGTERM, b"")
 
 
 def test_agent_dying_mid_run_is_255() -> None:
@@ -400,9 +401,10 @@ TRAP_SCRIPT = 'trap "echo got-usr1; exit 5" USR1; echo ready; while :; do sleep 
 
 @pytest.mark.parametrize(("sig", "status", "output"), [
     (signal.SIGUSR1, 5, b"ready\ngot-usr1\n"),
-    (signal.SIGTERM, 128 + signal.SIGTERM, b"ready\n"),
-    (signal.SIGINT, 128 + signal.SIGINT, b"ready\n"),
-    (signal.SIGHUP, 128 + signal.SIGHUP, b"ready\n"),
+    # Killed by the signal forwarded to it, the child takes mproxy-exec with it.
+    (signal.SIGTERM, -signal.SIGTERM, b"ready\n"),
+    (signal.SIGINT, -signal.SIGINT, b"ready\n"),
+    (signal.SIGHUP, -signal.SIGHUP, b"ready\n"),
 ], ids=["USR1", "TERM", "INT", "HUP"])
 async def test_signals_are_forwarded(sig: signal.Signals, status: int, output: bytes) -> None:
     with trio.fail_after(TIMEOUT):
@@ -423,6 +425,92 @@ async def test_signals_are_forwarded(sig: signal.Signals, status: int, output: b
             assert await proc.wait() == status
     assert bytes(out) == output
     assert b"Traceback" not in err
+
+
+READY_THEN_SLEEP = ["--", "sh", "-c", "echo ready; exec sleep 30"]
+
+
+def test_a_child_killed_by_the_signal_forwarded_to_it_ends_us_by_that_signal() -> None:
+    with subprocess.Popen([*EXEC, *READY_THEN_SLEEP], stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"ready\n"  # the child runs: SIGINT is forwarded
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=TIMEOUT)
+    assert (proc.returncode, out, err) == (-signal.SIGINT, b"", b"")
+
+
+def test_ending_us_by_sigquit_dumps_no_core_of_ours(tmp_path: Path) -> None:
+    # The core would be mproxy-exec's, not the child's. Cores are allowed (`ulimit -c` in
+    # the sh mproxy-exec is exec'd from); waitpid tells whether one was dumped.
+    if resource.getrlimit(resource.RLIMIT_CORE)[1] == 0:
+        pytest.skip("no core dumps allowed at all")
+    # Both run in tmp_path, where a core would go (core_pattern "core").
+    read_end, write_end = os.pipe()
+    argv = ["sh", "-c", 'ulimit -c unlimited && cd "$1" && shift && exec "$@"', "sh",
+            str(tmp_path), *EXEC, "--cwd", str(tmp_path), *READY_THEN_SLEEP]
+    actions = [(os.POSIX_SPAWN_DUP2, write_end, 1), (os.POSIX_SPAWN_CLOSE, read_end)]
+    pid = os.posix_spawnp(argv[0], argv, os.environ, file_actions=actions)
+    os.close(write_end)
+    try:
+        with os.fdopen(read_end, "rb") as stdout:
+            assert stdout.readline() == b"ready\n"
+            os.kill(pid, signal.SIGQUIT)
+            _, status = os.waitpid(pid, 0)
+            pid = 0
+    finally:
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGQUIT, status
+    assert not os.WCOREDUMP(status)
+
+
+def test_a_child_killed_by_another_signal_than_the_forwarded_one_is_128_plus_n() -> None:
+    # We forward INT; the child's trap kills it with TERM, which we did not forward.
+    child = "trap 'kill -TERM $$' INT; echo ready; while :; do sleep 0.05; done"
+    with subprocess.Popen([*EXEC, "--", "sh", "-c", child], stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"ready\n"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=TIMEOUT)
+    assert (proc.returncode, out, err) == (128 + signal.SIGTERM, b"", b"")
+
+
+def test_a_signal_before_the_child_runs_ends_us_by_that_signal() -> None:
+    # The agent command never says hello: mproxy-exec waits for it, the child unstarted.
+    # (cat ends when mproxy-exec, giving up, closes the agent's stdin.)
+    never = "sh -c 'echo agent-started >&2; exec cat >/dev/null'"
+    with subprocess.Popen([*EXEC, "--agent", never, "--", "true"], stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        assert proc.stderr is not None
+        assert proc.stderr.readline() == b"agent-started\n"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=TIMEOUT)
+    assert (proc.returncode, out, err) == (-signal.SIGTERM, b"", b"")
+
+
+def test_ctrl_c_stops_a_shell_loop_of_mproxy_exec() -> None:
+    # Ctrl-C goes to the foreground process group: here bash and mproxy-exec (the agent
+    # and the child have groups of their own). bash waits for mproxy-exec, and ends the
+    # loop only if it died of SIGINT; had it exited 130, the next iteration would start.
+    loop = (f"for i in 1 2 3; do echo iteration $i; {shlex.join(EXEC)} "
+            f"{shlex.join(READY_THEN_SLEEP)}; done; echo after the loop")
+    with subprocess.Popen(["bash", "-c", loop], stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          start_new_session=True) as proc:
+        assert proc.stdout is not None
+        try:
+            assert proc.stdout.readline() == b"iteration 1\n"
+            assert proc.stdout.readline() == b"ready\n"
+            os.killpg(proc.pid, signal.SIGINT)
+            rest, err = proc.communicate(timeout=TIMEOUT)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert (rest, err) == (b"", b"")
+    assert proc.returncode == -signal.SIGINT  # bash, too, ends itself by it
 
 
 # ---------------------------------------------------------------- extra fds
