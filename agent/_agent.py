@@ -549,13 +549,16 @@ class Agent:
             child.outs[number] = OutPump(self, child, number, endpoint)
 
     def _report_spawn_error(self, child: Child, exc: OSError | ValueError) -> None:
+        """Send spawn-failed: the errno by name and, as msg, why in words that follow the
+        program's name (its strerror), which the controller shows after it."""
         if isinstance(exc, OSError) and exc.errno is not None:
             name = errno.errorcode.get(exc.errno, str(exc.errno))
             step = getattr(exc, "step", "exec")
             code = 127 if (step == "exec" and exc.errno == errno.ENOENT) else 126
+            msg = exc.strerror or os.strerror(exc.errno)
         else:
-            name, code = None, 126
-        self._spawn_failed(child, ErrorKind.SPAWN_FAILED, name, str(exc), code)
+            name, code, msg = None, 126, str(exc)
+        self._spawn_failed(child, ErrorKind.SPAWN_FAILED, name, msg, code)
 
     def _spawn_failed(
         self, child: Child, kind: ErrorKind, errno_name: str | None, msg: str, code: int

@@ -126,5 +126,5 @@ def _lookpath(path: bytes, env: tuple[tuple[bytes, bytes], ...] | None) -> bytes
         if not stat.S_ISDIR(mode) and mode & 0o111:
             return candidate
     raise SpawnError(
-        errno.ENOENT, "exec", path, f"cannot execute {os.fsdecode(path)!r} (searched $PATH)"
+        errno.ENOENT, "exec", os.fsdecode(path), f"{os.strerror(errno.ENOENT)} (searched $PATH)"
     )

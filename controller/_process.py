@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno as errno_module
+import os
 import signal as signal_module
 from collections import deque
 from types import TracebackType
@@ -54,7 +55,8 @@ class RemoteProcess:
     """
 
     def __init__(
-        self, agent: Agent, id: int, args: list[bytes | str], fds: tuple[int, ...]
+        self, agent: Agent, id: int, args: list[bytes | str], fds: tuple[int, ...],
+        program: str | bytes | os.PathLike[str],
     ) -> None:
         self._agent = agent
         self.id = id
@@ -66,6 +68,7 @@ class RemoteProcess:
         self.core_dumped = False
         self.closed = False  # close sent: nothing more flows either way
         self.spawn_error: RemoteError | OSError | None = None
+        self._program = os.fsdecode(program)  # as given (path, else argv[0]), for errors
         self.errors: list[RemoteError] = []
         self.credit_lot = trio.lowlevel.ParkingLot()
         self._started = trio.Event()
@@ -111,8 +114,10 @@ class RemoteProcess:
     def _on_error(self, error: RemoteError, ref: str | None, channel: int | None) -> None:
         if ref == "exec":
             number = getattr(errno_module, error.errno or "", None)
+            # The agent's msg says why, to be read after the program's name: OSError's
+            # "[Errno 2] No such file or directory (searched $PATH): 'prog'".
             self.spawn_error = (
-                OSError(number, error.message) if number else error
+                OSError(number, error.message, self._program) if number else error
             )
             self._started.set()
         elif ref == "signal" and self._signal_waiters:

@@ -45,6 +45,29 @@ async def test_spawn_failures_report_errno_and_exit_code(tmp_path: Path) -> None
     assert status == [0]
 
 
+async def test_spawn_failed_msg_says_why_in_words_that_follow_the_program(
+    tmp_path: Path,
+) -> None:
+    # The controller shows msg after the program's name: it names neither it nor the errno.
+    script = tmp_path / "s.sh"
+    script.write_text("#!/no/such/sh\necho never\n")
+    script.chmod(0o755)
+    async with inproc() as (raw, _):
+        for argv, cwd, errno_name, code, msg in [
+            (["no-such-program-anywhere"], None, "ENOENT", 127,
+             "No such file or directory (searched $PATH)"),
+            ([str(tmp_path / "missing")], None, "ENOENT", 127, "No such file or directory"),
+            (["./s.sh"], str(tmp_path).encode(), "ENOENT", 127,
+             "interpreter '/no/such/sh' (from #!) not found"),
+            (["true"], str(tmp_path / "nowhere").encode(), "ENOENT", 126,
+             f"cannot enter directory {str(tmp_path / 'nowhere')!r}: No such file or directory"),
+        ]:
+            kid = raw.exec(argv, cwd=cwd)
+            error = await raw.error(kid, "spawn-failed")
+            assert (error.errno, error.msg) == (errno_name, msg)
+            assert (await raw.exited(kid)).code == code
+
+
 async def test_data_for_a_child_that_failed_to_start_still_gets_credit() -> None:
     async with inproc() as (raw, _):
         kid = raw.exec(["no-such-program-anywhere"])

@@ -187,6 +187,25 @@ def test_not_executable_is_126_and_missing_is_127(tmp_path: Path) -> None:
     assert run_exec("--", "").returncode == 126
 
 
+def test_a_spawn_error_is_one_line_naming_the_program(tmp_path: Path) -> None:
+    script = tmp_path / "s.sh"
+    script.write_text("#!/no/such/sh\necho never\n")
+    script.chmod(0o755)
+    missing = tmp_path / "missing"
+    for argv, status, line in [
+        (["no-such-program-mproxy", "arg"], 127,
+         "no-such-program-mproxy: No such file or directory (searched $PATH)"),
+        (["--cwd", str(tmp_path), "--", "./s.sh"], 127,
+         "./s.sh: interpreter '/no/such/sh' (from #!) not found"),
+        (["--cwd", str(missing), "--", "true"], 126,
+         f"true: cannot enter directory {str(missing)!r}: No such file or directory"),
+        (["--", str(tmp_path)], 126, f"{tmp_path}: Permission denied"),
+    ]:
+        done = run_exec(*argv)
+        assert (done.returncode, done.stdout) == (status, b"")
+        assert done.stderr.decode() == f"mproxy-exec: {line}\n"
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGQUIT, signal.SIGHUP])
 def test_a_terminal_signal_to_our_process_group_goes_to_the_child(sig: signal.Signals) -> None:
     # Ctrl-C (Ctrl-\, a hangup) reaches the whole foreground process group: the agent

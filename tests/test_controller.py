@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -589,6 +590,35 @@ async def test_spawn_failures_raise_oserror(any_agent: controller.Agent, tmp_pat
     done = await any_agent.run_process(["echo", "still here"], capture_stdout=True)
     assert done.stdout == b"still here\n"
     await wait_until(lambda: not any_agent.processes, what="every process released")
+
+
+async def test_a_spawn_error_names_the_program_and_its_errno_once(
+    any_agent: controller.Agent, tmp_path: Path
+) -> None:
+    with pytest.raises(FileNotFoundError) as info:
+        await any_agent.open_process(["no-such-program-mproxy", "arg"])
+    assert (info.value.errno, info.value.filename) == (errno.ENOENT, "no-such-program-mproxy")
+    assert str(info.value) == (
+        "[Errno 2] No such file or directory (searched $PATH): 'no-such-program-mproxy'"
+    )
+    with pytest.raises(FileNotFoundError) as info:  # path= is the program, as executable=
+        await any_agent.run_process(["argv0"], path=tmp_path / "missing")
+    assert info.value.filename == str(tmp_path / "missing")
+    assert str(info.value) == f"[Errno 2] No such file or directory: {str(tmp_path / 'missing')!r}"
+    with pytest.raises(FileNotFoundError) as info:  # the filename as given: bytes decoded
+        await any_agent.run_process([b"./missing"], cwd=tmp_path)
+    assert info.value.filename == "./missing"
+
+
+async def test_a_missing_interpreter_is_named(any_agent: controller.Agent, tmp_path: Path) -> None:
+    # The script exists: the kernel's ENOENT is about the interpreter its #! line names.
+    script = tmp_path / "s.sh"
+    script.write_text("#!/no/such/sh\necho never\n")
+    script.chmod(0o755)
+    with pytest.raises(FileNotFoundError) as info:
+        await any_agent.run_process(["./s.sh"], cwd=tmp_path)
+    assert (info.value.errno, info.value.filename) == (errno.ENOENT, "./s.sh")
+    assert str(info.value) == "[Errno 2] interpreter '/no/such/sh' (from #!) not found: './s.sh'"
 
 
 # ---------------------------------------------------------------- environment and cwd
