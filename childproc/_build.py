@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import io
@@ -28,6 +29,9 @@ if sys.platform != "win32":
 
 Mechanism = Literal["popen", "posix_spawn", "trampoline"]
 _Owned = list[int | io.FileIO | socket.socket]  # what build closes if it fails midway
+
+# The shell that runs a program the kernel refuses for its format (glibc's _PATH_BSHELL).
+_SHELL = b"/bin/sh"
 
 # Above this many fds to close between the requested ones (one posix_spawn close action,
 # about 2 us of ctypes call each), the trampoline's close_range is cheaper.
@@ -127,6 +131,13 @@ class Command:
         thread-safe. May be called once. Raises SpawnError when
         the child could not be started; no child is left behind then.
 
+        A program the kernel refuses for its format (ENOEXEC: typically a script without
+        a #! line) is run by /bin/sh instead, as glibc's execvp, env and the shells do:
+        the child is then /bin/sh with argv ["/bin/sh", path, *argv[1:]] (path as
+        resolved; argv[0] is lost, as with execvp), started again the same way, which
+        doubles the cost of this start. When /bin/sh cannot be run either, the
+        program's ENOEXEC is raised.
+
         Afterwards the caller must, in this order or concurrently:
         - call close_child_side(cmd), whether start succeeded or failed, so that the child
           is the only holder of its ends (the parent then sees EOF when the child exits);
@@ -143,7 +154,9 @@ class Command:
             try:
                 proc = self._spawn(self._exe)
             except StepFailed as e:
-                raise self._error(e) from None
+                if e.step != "exec" or e.errno != errno.ENOEXEC or e.strerror is not None:
+                    raise self._error(e) from None
+                proc = self._spawn_with_shell(e)
         limit = child_fd_limit()
         if limit is not None and self.mechanism != "trampoline":
             # The child may already have run a little with the raised limit; only the
@@ -159,6 +172,16 @@ class Command:
         if self.mechanism == "posix_spawn":
             return _SpawnedPopen(exe.argv, functools.partial(self._posix_spawn, exe))
         return self._start_trampoline(exe)
+
+    def _spawn_with_shell(self, refused: StepFailed) -> subprocess.Popen[bytes]:
+        """Start the program as a shell script: glibc's execvp on ENOEXEC."""
+        exe = self._exe
+        script = dataclasses.replace(exe, path=_SHELL, argv=(_SHELL, exe.path, *exe.argv[1:]))
+        try:
+            return self._spawn(script)
+        except StepFailed as e:
+            # Without a usable shell, the program's own error is the one that explains.
+            raise self._error(refused if e.step == "exec" else e) from None
 
     def _start_popen(self, exe: Exec) -> subprocess.Popen[bytes]:
         try:

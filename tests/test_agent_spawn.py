@@ -68,6 +68,17 @@ async def test_spawn_failed_msg_says_why_in_words_that_follow_the_program(
             assert (await raw.exited(kid)).code == code
 
 
+async def test_a_script_without_shebang_runs_with_sh(tmp_path: Path) -> None:
+    script = tmp_path / "nosb.sh"
+    script.write_text('echo "$0|$#|$*"; exit 3\n')
+    script.chmod(0o755)
+    async with inproc() as (raw, _):
+        for fds in ((), (3,)):  # Popen, posix_spawn
+            kid = await raw.run(["./nosb.sh", "a b", "c"], cwd=str(tmp_path).encode(), fds=fds)
+            assert kid.output(1) == b"./nosb.sh|2|a b c\n"  # what bash prints
+            assert kid.exit is not None and kid.exit.code == 3
+
+
 async def test_data_for_a_child_that_failed_to_start_still_gets_credit() -> None:
     async with inproc() as (raw, _):
         kid = raw.exec(["no-such-program-anywhere"])

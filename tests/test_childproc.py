@@ -425,6 +425,49 @@ def test_a_missing_interpreter_is_named(case: Case, public_dir: Path) -> None:
     assert e.strerror == "interpreter '/bin/sh\\r' (from #!) not found"
 
 
+def test_a_script_without_shebang_runs_with_sh(case: Case, public_dir: Path) -> None:
+    # As glibc's execvp, env and the shells do: /bin/sh runs it, with the script's path
+    # in place of argv[0].
+    script = public_dir / "nosb.sh"
+    script.write_text('echo "$0|$#|$*"; exit 3\n')
+    script.chmod(0o755)
+    bash = subprocess.run(["bash", "-c", './nosb.sh "a b" c'], cwd=public_dir,
+                          capture_output=True, check=False)
+    assert (bash.stdout, bash.returncode) == (b"./nosb.sh|2|a b c\n", 3)
+    out, err, code = run(case.spec("./nosb.sh", ["argv0", "a b", "c"], cwd=public_dir))
+    assert (out, err, code) == (bash.stdout, b"", 3)
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="a mount namespace needs root")
+def test_without_a_shell_the_scripts_own_error_is_raised(public_dir: Path) -> None:
+    script = public_dir / "nosb.sh"
+    script.write_text("echo never\n")
+    script.chmod(0o755)
+    code = """if True:
+        import sys
+        from childproc import SpawnError, Spec, build, close_child_side
+        for fds in ((), (3,)):
+            cmd, pipes = build(Spec(sys.argv[1], ["x"], extra_fds=fds))
+            try:
+                cmd.start()
+            except SpawnError as e:
+                print(cmd.mechanism, e.errno, e.step, e.filename)
+            finally:
+                close_child_side(cmd)
+                pipes.close()
+    """
+    # /bin/sh made unexecutable (a device) in a mount namespace of the test's own.
+    done = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", 'mount --bind /dev/null /bin/sh || exit 99; "$@"',
+         "sh", sys.executable, "-c", code, str(script)],
+        capture_output=True, check=False, timeout=30,
+    )  # fmt: skip
+    if done.returncode == 99 or (done.returncode != 0 and b"unshare" in done.stderr):
+        pytest.skip(f"no mount namespace here: {done.stderr.decode().strip()}")
+    assert (done.stdout.decode(), done.stderr, done.returncode) == (
+        f"popen 8 exec {script}\nposix_spawn 8 exec {script}\n", b"", 0)
+
+
 def test_program_not_executable(case: Case, public_dir: Path) -> None:
     path = public_dir / "not-executable"
     path.write_text("#!/bin/sh\n")
@@ -433,10 +476,6 @@ def test_program_not_executable(case: Case, public_dir: Path) -> None:
     assert str(path) in str(e)
     e = start_error(case.spec(public_dir, ["x"]))  # a directory
     assert (e.errno, e.step) == (errno.EACCES, "exec")
-    path.write_text("no shebang\n")
-    path.chmod(0o755)
-    e = start_error(case.spec(path, ["x"]))  # no shell fallback, as Go and Popen
-    assert (e.errno, e.step) == (errno.ENOEXEC, "exec")
 
 
 def test_bad_cwd(case: Case, public_dir: Path) -> None:

@@ -206,6 +206,18 @@ def test_a_spawn_error_is_one_line_naming_the_program(tmp_path: Path) -> None:
         assert done.stderr.decode() == f"mproxy-exec: {line}\n"
 
 
+def test_a_script_without_shebang_runs_with_sh(tmp_path: Path) -> None:
+    script = tmp_path / "nosb.sh"
+    script.write_text('echo "$0|$#|$*"; echo err >&2; exit 3\n')
+    script.chmod(0o755)
+    bash = subprocess.run(["bash", "-c", './nosb.sh "a b" c'], cwd=tmp_path,
+                          capture_output=True, check=False)
+    done = run_exec("--", "./nosb.sh", "a b", "c", cwd=str(tmp_path))
+    assert (done.stdout, done.stderr, done.returncode) == (b"./nosb.sh|2|a b c\n", b"err\n", 3)
+    assert (done.stdout, done.stderr, done.returncode) == (
+        bash.stdout, bash.stderr, bash.returncode)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGQUIT, signal.SIGHUP])
 def test_a_terminal_signal_to_our_process_group_goes_to_the_child(sig: signal.Signals) -> None:
     # Ctrl-C (Ctrl-\, a hangup) reaches the whole foreground process group: the agent

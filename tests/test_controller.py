@@ -621,6 +621,17 @@ async def test_a_missing_interpreter_is_named(any_agent: controller.Agent, tmp_p
     assert str(info.value) == "[Errno 2] interpreter '/no/such/sh' (from #!) not found: './s.sh'"
 
 
+async def test_a_script_without_shebang_runs_with_sh(
+    any_agent: controller.Agent, tmp_path: Path
+) -> None:
+    script = tmp_path / "nosb.sh"
+    script.write_text('echo "$0|$#|$*"; exit 3\n')
+    script.chmod(0o755)
+    done = await any_agent.run_process(["./nosb.sh", "a b", "c"], cwd=tmp_path,
+                                       capture_stdout=True, check=False)
+    assert (done.stdout, done.returncode) == (b"./nosb.sh|2|a b c\n", 3)  # as bash
+
+
 # ---------------------------------------------------------------- environment and cwd
 
 
