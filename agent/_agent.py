@@ -503,7 +503,9 @@ class Agent:
             self._attach(child, outcome, pipes)
             if self._tearing_down:
                 kill_group(outcome.pid, signal.SIGKILL)
-            self.send(Started(child.id, outcome.pid))
+            creds = command.credentials  # None: the agent's own, which the child inherits
+            uid, gid = (os.geteuid(), os.getegid()) if creds is None else (creds.uid, creds.gid)
+            self.send(Started(child.id, outcome.pid, uid, gid))
             self.log("debug", "started", id=child.id, pid=outcome.pid)
         else:
             pipes.close()

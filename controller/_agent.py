@@ -164,7 +164,7 @@ class Agent:
         elif isinstance(frame, Eof):
             self.processes[frame.id]._on_eof(frame.ch)
         elif isinstance(frame, Started):
-            self.processes[frame.id]._on_started(frame.pid)
+            self.processes[frame.id]._on_started(frame.pid, frame.uid, frame.gid)
         elif isinstance(frame, Exit):
             self.processes[frame.id]._on_exit(frame.code, frame.sig, frame.core)
         elif isinstance(frame, SignalAck):

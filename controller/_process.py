@@ -50,8 +50,11 @@ class RemoteProcess:
 
     ``stdin``, ``stdout``, ``stderr`` and ``fds[n]`` are trio streams wired through the
     agent. ``returncode`` follows the subprocess convention (-N for signal N);
-    ``exit_code`` the seed's (128+N). Leaving ``async with`` kills the process group if
-    the child is still running, waits for its exit and releases it on the agent.
+    ``exit_code`` the seed's (128+N). ``uid`` and ``gid`` are the effective ids the child
+    was started with, so that a caller can see whether ``drop_sudo_credentials`` took
+    effect (None until it has started, or from an agent that does not report them).
+    Leaving ``async with`` kills the process group if the child is still running, waits
+    for its exit and releases it on the agent.
     """
 
     def __init__(
@@ -69,6 +72,8 @@ class RemoteProcess:
         self.closed = False  # close sent: nothing more flows either way
         self.spawn_error: RemoteError | OSError | None = None
         self._program = os.fsdecode(program)  # as given (path, else argv[0]), for errors
+        self.uid: int | None = None
+        self.gid: int | None = None
         self.errors: list[RemoteError] = []
         self.credit_lot = trio.lowlevel.ParkingLot()
         self._started = trio.Event()
@@ -92,8 +97,10 @@ class RemoteProcess:
 
     # ------------------------------------------------------------------ frames in
 
-    def _on_started(self, pid: int) -> None:
+    def _on_started(self, pid: int, uid: int | None, gid: int | None) -> None:
         self.pid = pid
+        self.uid = uid
+        self.gid = gid
         self._started.set()
 
     def _on_exit(self, code: int, sig: str | None, core: bool) -> None:

@@ -79,6 +79,27 @@ async def test_a_script_without_shebang_runs_with_sh(tmp_path: Path) -> None:
             assert kid.exit is not None and kid.exit.code == 3
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="the credential drop needs root")
+async def test_started_gives_the_uid_and_gid_the_child_got(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with inproc() as (raw, _):  # it reads SUDO_UID from our environment at each exec
+        monkeypatch.setenv("SUDO_UID", "65534")
+        monkeypatch.setenv("SUDO_GID", "65533")
+        for fds in ((), (3,)):
+            kid = await raw.run(["sh", "-c", "id -u; id -g"], drop_sudo=True, fds=fds)
+            assert kid.started is not None
+            assert (kid.started.uid, kid.started.gid) == (65534, 65533)
+            assert kid.output(1) == b"65534\n65533\n"
+        monkeypatch.delenv("SUDO_UID")
+        monkeypatch.delenv("SUDO_GID")
+        for drop in (True, False):  # without the variables --drop-sudo is a no-op
+            kid = await raw.run(["sh", "-c", "id -u; id -g"], drop_sudo=drop)
+            assert kid.started is not None
+            assert (kid.started.uid, kid.started.gid) == (0, 0)
+            assert kid.output(1) == b"0\n0\n"
+
+
 async def test_data_for_a_child_that_failed_to_start_still_gets_credit() -> None:
     async with inproc() as (raw, _):
         kid = raw.exec(["no-such-program-anywhere"])

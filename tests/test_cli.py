@@ -218,6 +218,19 @@ def test_a_script_without_shebang_runs_with_sh(tmp_path: Path) -> None:
         bash.stdout, bash.stderr, bash.returncode)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="the credential drop needs root")
+def test_drop_sudo_that_drops_nothing_says_so() -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("SUDO_UID", "SUDO_GID")}
+    done = run_exec("--drop-sudo", "--", "id", "-u", env=env)
+    assert (done.returncode, done.stdout) == (0, b"0\n")
+    assert done.stderr == (b"mproxy-exec: --drop-sudo: the child runs as uid 0 (SUDO_UID is "
+                           b"not set, or is 0, in the agent's environment)\n")
+    done = run_exec("--drop-sudo", "--", "id", "-u", env={**env, "SUDO_UID": "65534"})
+    assert (done.returncode, done.stdout, done.stderr) == (0, b"65534\n", b"")
+    done = run_exec("--", "id", "-u", env=env)  # no --drop-sudo: nothing to say
+    assert (done.returncode, done.stdout, done.stderr) == (0, b"0\n", b"")
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGQUIT, signal.SIGHUP])
 def test_a_terminal_signal_to_our_process_group_goes_to_the_child(sig: signal.Signals) -> None:
     # Ctrl-C (Ctrl-\, a hangup) reaches the whole foreground process group: the agent

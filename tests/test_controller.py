@@ -632,6 +632,28 @@ async def test_a_script_without_shebang_runs_with_sh(
     assert (done.stdout, done.returncode) == (b"./nosb.sh|2|a b c\n", 3)  # as bash
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="the credential drop needs root")
+@pytest.mark.parametrize("sudo", [True, False], ids=["SUDO_UID set", "SUDO_UID unset"])
+async def test_uid_and_gid_say_whether_drop_sudo_took_effect(
+    monkeypatch: pytest.MonkeyPatch, sudo: bool
+) -> None:
+    if sudo:
+        monkeypatch.setenv("SUDO_UID", "65534")
+        monkeypatch.setenv("SUDO_GID", "65533")
+    else:  # the seed's rule: no variables, no drop; the child runs as root
+        monkeypatch.delenv("SUDO_UID", raising=False)
+        monkeypatch.delenv("SUDO_GID", raising=False)
+    with trio.fail_after(20):
+        async with controller.open_agent() as connected:  # started with that environment
+            for drop, ids in ((True, (65534, 65533) if sudo else (0, 0)), (False, (0, 0))):
+                async with await connected.open_process(
+                    ["sh", "-c", "id -u; id -g"], drop_sudo_credentials=drop
+                ) as proc:
+                    assert (proc.uid, proc.gid) == ids
+                    assert await read_all(proc.stdout) == b"%d\n%d\n" % ids
+                    assert await proc.wait() == 0
+
+
 # ---------------------------------------------------------------- environment and cwd
 
 
