@@ -503,7 +503,9 @@ class Agent:
             self._attach(child, outcome, pipes)
             if self._tearing_down:
                 kill_group(outcome.pid, signal.SIGKILL)
-            self.send(Started(child.id, outcome.pid))
+            creds = command.credentials  # None: the agent's own, which the child inherits
+            uid, gid = (os.geteuid(), os.getegid()) if creds is None else (creds.uid, creds.gid)
+            self.send(Started(child.id, outcome.pid, uid, gid))
             self.log("debug", "started", id=child.id, pid=outcome.pid)
         else:
             pipes.close()
@@ -549,13 +551,16 @@ class Agent:
             child.outs[number] = OutPump(self, child, number, endpoint)
 
     def _report_spawn_error(self, child: Child, exc: OSError | ValueError) -> None:
+        """Send spawn-failed: the errno by name and, as msg, why in words that follow the
+        program's name (its strerror), which the controller shows after it."""
         if isinstance(exc, OSError) and exc.errno is not None:
             name = errno.errorcode.get(exc.errno, str(exc.errno))
             step = getattr(exc, "step", "exec")
             code = 127 if (step == "exec" and exc.errno == errno.ENOENT) else 126
+            msg = exc.strerror or os.strerror(exc.errno)
         else:
-            name, code = None, 126
-        self._spawn_failed(child, ErrorKind.SPAWN_FAILED, name, str(exc), code)
+            name, code, msg = None, 126, str(exc)
+        self._spawn_failed(child, ErrorKind.SPAWN_FAILED, name, msg, code)
 
     def _spawn_failed(
         self, child: Child, kind: ErrorKind, errno_name: str | None, msg: str, code: int

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import functools
 import io
 import os
 import socket
@@ -16,7 +18,7 @@ from typing import Any, Literal
 
 from . import _posix_spawn, _trampoline
 from ._creds import Credentials, sudo_credentials
-from ._errors import SpawnError, Step, StepFailed, popen_step
+from ._errors import SpawnError, StepFailed, popen_step
 from ._fdplan import plan
 from ._limits import child_fd_limit
 from ._spec import Exec, Spec, validate
@@ -27,6 +29,9 @@ if sys.platform != "win32":
 
 Mechanism = Literal["popen", "posix_spawn", "trampoline"]
 _Owned = list[int | io.FileIO | socket.socket]  # what build closes if it fails midway
+
+# The shell that runs a program the kernel refuses for its format (glibc's _PATH_BSHELL).
+_SHELL = b"/bin/sh"
 
 # Above this many fds to close between the requested ones (one posix_spawn close action,
 # about 2 us of ctypes call each), the trampoline's close_range is cheaper.
@@ -126,6 +131,13 @@ class Command:
         thread-safe. May be called once. Raises SpawnError when
         the child could not be started; no child is left behind then.
 
+        A program the kernel refuses for its format (ENOEXEC: typically a script without
+        a #! line) is run by /bin/sh instead, as glibc's execvp, env and the shells do:
+        the child is then /bin/sh with argv ["/bin/sh", path, *argv[1:]] (path as
+        resolved; argv[0] is lost, as with execvp), started again the same way, which
+        doubles the cost of this start. When /bin/sh cannot be run either, the
+        program's ENOEXEC is raised.
+
         Afterwards the caller must, in this order or concurrently:
         - call close_child_side(cmd), whether start succeeded or failed, so that the child
           is the only holder of its ends (the parent then sees EOF when the child exits);
@@ -140,14 +152,11 @@ class Command:
                 raise RuntimeError(f"Command.start called on a {self._state} command")
             self._state = "started"
             try:
-                if self.mechanism == "popen":
-                    proc = self._start_popen()
-                elif self.mechanism == "posix_spawn":
-                    proc = _SpawnedPopen(self._exe.argv, self._posix_spawn)
-                else:
-                    proc = self._start_trampoline()
+                proc = self._spawn(self._exe)
             except StepFailed as e:
-                raise self._error(e.step, e.errno) from None
+                if e.step != "exec" or e.errno != errno.ENOEXEC or e.strerror is not None:
+                    raise self._error(e) from None
+                proc = self._spawn_with_shell(e)
         limit = child_fd_limit()
         if limit is not None and self.mechanism != "trampoline":
             # The child may already have run a little with the raised limit; only the
@@ -157,8 +166,24 @@ class Command:
                 resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, limit)
         return proc
 
-    def _start_popen(self) -> subprocess.Popen[bytes]:
+    def _spawn(self, exe: Exec) -> subprocess.Popen[bytes]:
+        if self.mechanism == "popen":
+            return self._start_popen(exe)
+        if self.mechanism == "posix_spawn":
+            return _SpawnedPopen(exe.argv, functools.partial(self._posix_spawn, exe))
+        return self._start_trampoline(exe)
+
+    def _spawn_with_shell(self, refused: StepFailed) -> subprocess.Popen[bytes]:
+        """Start the program as a shell script: glibc's execvp on ENOEXEC."""
         exe = self._exe
+        script = dataclasses.replace(exe, path=_SHELL, argv=(_SHELL, exe.path, *exe.argv[1:]))
+        try:
+            return self._spawn(script)
+        except StepFailed as e:
+            # Without a usable shell, the program's own error is the one that explains.
+            raise self._error(refused if e.step == "exec" else e) from None
+
+    def _start_popen(self, exe: Exec) -> subprocess.Popen[bytes]:
         try:
             return subprocess.Popen(
                 exe.argv,
@@ -175,8 +200,7 @@ class Command:
         except OSError as e:
             raise StepFailed(popen_step(e, exe.path, exe.cwd), e.errno or errno.EIO) from None
 
-    def _posix_spawn(self) -> int:
-        exe = self._exe
+    def _posix_spawn(self, exe: Exec) -> int:
         env = None if exe.env is None else [name + b"=" + value for name, value in exe.env]
         sys.audit("subprocess.Popen", exe.path, exe.argv, exe.cwd, env)
         targets = dict(enumerate(self._stdio)) | self._extra
@@ -189,8 +213,7 @@ class Command:
             chdir = exe.cwd is not None and not _can_enter(exe.cwd)
             raise StepFailed("chdir" if chdir else "exec", e.errno or errno.EIO) from None
 
-    def _start_trampoline(self) -> subprocess.Popen[bytes]:
-        exe = self._exe
+    def _start_trampoline(self, exe: Exec) -> subprocess.Popen[bytes]:
         return _trampoline.spawn(
             path=exe.path,
             argv=exe.argv,
@@ -202,23 +225,25 @@ class Command:
             rlimit=child_fd_limit(),
         )
 
-    def _error(self, step: Step, number: int) -> SpawnError:
-        exe = self._exe
+    def _error(self, failed: StepFailed) -> SpawnError:
+        step, number, exe, creds = failed.step, failed.errno, self._exe, self.credentials
+        program = os.fsdecode(self.spec.path)
+        if failed.strerror is not None:
+            return SpawnError(number, step, program, failed.strerror)
         if step == "exec":
-            return SpawnError(number, step, os.fsdecode(exe.path), f"cannot execute {_q(exe.path)}")
-        creds = self.credentials
-        who = "" if creds is None else f" as uid {creds.uid}"
+            missing = _missing_interpreter(exe) if number == errno.ENOENT else None
+            return SpawnError(number, step, program, missing)
+        strerror = os.strerror(number)
         if step == "chdir":
             assert exe.cwd is not None
-            return SpawnError(
-                number, step, os.fsdecode(exe.cwd), f"cannot enter directory {_q(exe.cwd)}{who}"
-            )
-        if step == "credentials":
+            who = "" if creds is None else f" as uid {creds.uid}"
+            what = f"cannot enter directory {_q(exe.cwd)}{who}"
+        elif step == "credentials":
             assert creds is not None
             what = f"cannot switch to uid {creds.uid}, gid {creds.gid}, groups {list(creds.groups)}"
-            return SpawnError(number, step, None, what)
-        fds = ", ".join(map(str, (0, 1, 2, *self._extra)))
-        return SpawnError(number, step, None, f"cannot set up fds {fds} for the child")
+        else:
+            what = f"cannot set up fds {', '.join(map(str, (0, 1, 2, *self._extra)))} for the child"
+        return SpawnError(number, step, program, f"{what}: {strerror}")
 
     def _close_child_side(self) -> None:
         with self._lock:
@@ -266,7 +291,7 @@ def build(spec: Spec) -> tuple[Command, Pipes]:
         )
     exe = validate(spec)
     credentials = sudo_credentials(spec.drop_sudo_credentials)
-    mechanism = _mechanism(exe, credentials)
+    mechanism = _mechanism(spec, exe, credentials)
     owned: _Owned = []
     try:
         stdin, stdin_r = _pipe(owned, "w")
@@ -278,9 +303,11 @@ def build(spec: Spec) -> tuple[Command, Pipes]:
             extra[number], child_extra[number] = _socketpair(owned)
     except OSError as e:
         _close_all(owned)
+        number = e.errno or errno.EIO
         raise SpawnError(
-            e.errno or errno.EIO, "fds", None, "cannot create the child's pipes and sockets"
-        ) from e
+            number, "fds", os.fsdecode(spec.path),
+            f"cannot create the child's pipes and sockets: {os.strerror(number)}",
+        ) from e  # fmt: skip
     except BaseException:
         _close_all(owned)
         raise
@@ -295,15 +322,16 @@ def build(spec: Spec) -> tuple[Command, Pipes]:
     return command, Pipes(stdin, stdout, stderr, extra)
 
 
-def _mechanism(exe: Exec, credentials: Credentials | None) -> Mechanism:
+def _mechanism(spec: Spec, exe: Exec, credentials: Credentials | None) -> Mechanism:
     if not exe.extra_fds:
         return "popen" if credentials is None else "trampoline"
     highest = exe.extra_fds[-1]
     limit = os.sysconf("SC_OPEN_MAX")
     if highest >= limit:
         raise SpawnError(
-            errno.EBADF, "fds", None,
-            f"cannot place fd {highest} in the child (RLIMIT_NOFILE soft limit {limit})",
+            errno.EBADF, "fds", os.fsdecode(spec.path),
+            f"cannot place fd {highest} in the child (RLIMIT_NOFILE soft limit {limit}): "
+            f"{os.strerror(errno.EBADF)}",
         )  # fmt: skip
     gaps = highest - 2 - len(exe.extra_fds)  # fds in 3..highest that the child must not get
     if credentials is None and gaps <= _MAX_CLOSE_ACTIONS and _posix_spawn.available():
@@ -357,6 +385,43 @@ def _can_enter(directory: bytes) -> bool:
 
 def _q(name: bytes) -> str:
     return repr(os.fsdecode(name))
+
+
+def _missing_interpreter(exe: Exec) -> str | None:
+    """Why exec failed with ENOENT although the program exists: the interpreter its #!
+    line names does not exist (the kernel reports that as the program's ENOENT). None
+    when the program itself is missing, or the cause is something else (a missing
+    dynamic loader)."""
+    try:
+        head = _read_head(exe.path, exe.cwd)
+    except OSError:
+        return None  # the program itself is not there
+    if not head.startswith(b"#!"):
+        return None
+    # The kernel's parsing: blanks are only spaces and tabs, so a CRLF script names
+    # "/bin/sh\r", which repr() then shows.
+    line = head[2:].split(b"\n", 1)[0].lstrip(b" \t")
+    interpreter = line.split(b" ", 1)[0].split(b"\t", 1)[0]
+    if not interpreter:
+        return None
+    try:
+        _read_head(interpreter, exe.cwd)
+    except FileNotFoundError:
+        return f"interpreter {_q(interpreter)} (from #!) not found"
+    except OSError:
+        pass
+    return None
+
+
+def _read_head(path: bytes, cwd: bytes | None) -> bytes:
+    """The first bytes of a file, as much as the kernel reads to recognise its format."""
+    if cwd is not None:
+        path = os.path.join(cwd, path)  # an absolute path stays as it is
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # never block on a FIFO
+    try:
+        return os.read(fd, 256)  # BINPRM_BUF_SIZE
+    finally:
+        os.close(fd)
 
 
 def close_child_side(cmd: Command) -> None:

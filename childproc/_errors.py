@@ -11,31 +11,42 @@ Step = Literal["exec", "chdir", "credentials", "fds"]
 class SpawnError(OSError):
     """The child could not be started.
 
-    ``errno``/``strerror``/``filename`` are those of the failing system call; ``step`` says
-    which part of the start failed: "exec" (the program: not found, not executable, ...),
-    "chdir" (the working directory), "credentials" (setgroups/setgid/setuid) or "fds"
-    (creating or placing the child's file descriptors). The agent reports step "exec" with
-    errno ENOENT as exit code 127 and every other failure as 126, like a shell does.
+    ``errno`` is that of the failing system call; ``filename`` is the program as the Spec
+    gives it (decoded with os.fsdecode), whichever step failed, as subprocess names the
+    executable; ``strerror`` says why, written to be read after the program's name: the C
+    library's text for errno ("No such file or directory"), with what could not be done
+    when it was not the exec itself ("cannot enter directory '/srv' as uid 1000:
+    Permission denied"), or what is known beyond the errno ("No such file or directory
+    (searched $PATH)", "interpreter '/usr/bin/pyhton' (from #!) not found"). str() is
+    OSError's: "[Errno 2] No such file or directory (searched $PATH): 'prog'".
+
+    ``step`` says which part of the start failed: "exec" (the program: not found, not
+    executable, ...), "chdir" (the working directory), "credentials"
+    (setgroups/setgid/setuid) or "fds" (creating or placing the child's file descriptors).
+    The agent reports step "exec" with errno ENOENT as exit code 127 and every other
+    failure as 126, like a shell does.
     """
 
     step: Step
 
-    def __init__(self, errno: int, step: Step, filename: str | bytes | None, what: str) -> None:
-        super().__init__(errno, os.strerror(errno), filename)
+    def __init__(
+        self, errno: int, step: Step, filename: str, strerror: str | None = None
+    ) -> None:
+        super().__init__(errno, strerror or os.strerror(errno), filename)
         self.step = step
-        self._message = f"{what}: [Errno {errno}] {self.strerror}"
-
-    def __str__(self) -> str:
-        return self._message
 
 
 class StepFailed(Exception):
-    """Internal: a spawn mechanism reports which step failed; Command turns it into SpawnError."""
+    """Internal: a spawn mechanism reports which step failed; Command turns it into SpawnError.
 
-    def __init__(self, step: Step, errno: int) -> None:
+    ``strerror``, when given, replaces the one Command would write for the step.
+    """
+
+    def __init__(self, step: Step, errno: int, strerror: str | None = None) -> None:
         super().__init__(step, errno)
         self.step = step
         self.errno = errno
+        self.strerror = strerror
 
 
 def popen_step(error: OSError, executable: object, cwd: object) -> Step:

@@ -21,7 +21,9 @@ class Spec:
 
     path: the program. Without a "/" it is looked up in the PATH of the child's environment
         at build time (absolute PATH entries only); with a "/" it is used as is, so a relative
-        path is relative to the child's working directory, as for execve after chdir.
+        path is relative to the child's working directory, as for execve after chdir. A
+        file the kernel refuses for its format (ENOEXEC: a script without a #! line) is
+        run by /bin/sh, as glibc's execvp does (see Command.start).
     argv: the full argument vector; argv[0] is passed as given.
     env: "NAME=VALUE" entries (NAME not empty); when a NAME repeats, the last entry wins
         (as Go's os/exec). None inherits the agent's environment at start time; [] is an
@@ -126,5 +128,5 @@ def _lookpath(path: bytes, env: tuple[tuple[bytes, bytes], ...] | None) -> bytes
         if not stat.S_ISDIR(mode) and mode & 0o111:
             return candidate
     raise SpawnError(
-        errno.ENOENT, "exec", path, f"cannot execute {os.fsdecode(path)!r} (searched $PATH)"
+        errno.ENOENT, "exec", os.fsdecode(path), f"{os.strerror(errno.ENOENT)} (searched $PATH)"
     )

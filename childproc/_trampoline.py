@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from typing import cast
 
 from ._creds import Credentials
-from ._errors import SpawnError, Step, StepFailed, popen_step
+from ._errors import Step, StepFailed, popen_step
 from ._fdplan import plan
 
 if sys.platform != "win32":
@@ -90,7 +90,8 @@ def spawn(
     stdio holds the child's ends for fds 0, 1, 2; extra maps child fd numbers to the parent
     fds holding them. Returns the Popen of the trampoline, which is the program after the
     exec (its args are set to argv). A failed step raises StepFailed after the trampoline
-    has been reaped; SpawnError names the trampoline when it could not run at all.
+    has been reaped; so does a trampoline that could not run at all (step "exec", its
+    strerror naming the interpreter).
     """
     try:
         control, child_control = socket.socketpair()
@@ -146,8 +147,8 @@ def spawn(
     return proc
 
 
-def _trampoline_error(e: OSError) -> SpawnError:
-    return SpawnError(
-        e.errno or errno.EIO, "exec", sys.executable,
-        f"cannot run the trampoline {sys.executable!r}",
-    )  # fmt: skip
+def _trampoline_error(e: OSError) -> StepFailed:
+    number = e.errno or errno.EIO
+    return StepFailed(
+        "exec", number, f"cannot run the trampoline {sys.executable!r}: {os.strerror(number)}"
+    )

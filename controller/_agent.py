@@ -164,7 +164,7 @@ class Agent:
         elif isinstance(frame, Eof):
             self.processes[frame.id]._on_eof(frame.ch)
         elif isinstance(frame, Started):
-            self.processes[frame.id]._on_started(frame.pid)
+            self.processes[frame.id]._on_started(frame.pid, frame.uid, frame.gid)
         elif isinstance(frame, Exit):
             self.processes[frame.id]._on_exit(frame.code, frame.sig, frame.core)
         elif isinstance(frame, SignalAck):
@@ -232,7 +232,8 @@ class Agent:
             drop_sudo=drop_sudo_credentials,
         )
         data = self.conn.send(frame)  # validates: raises LocalProtocolError on bad input
-        process = RemoteProcess(self, id, list(argv), tuple(extra_fds))  # type: ignore[arg-type]
+        process = RemoteProcess(self, id, list(argv), tuple(extra_fds),  # type: ignore[arg-type]
+                                argv[0] if path is None else path)
         self.processes[id] = process
         if stdin_eof:
             # exec and the stdin eof in one write: one wakeup of the agent, not two.

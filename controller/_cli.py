@@ -523,6 +523,10 @@ async def _run(args: argparse.Namespace, command: list[str] | None,
                 await process.wait()
                 assert process.exit_code is not None
                 return process.exit_code
+            if args.drop_sudo and process.uid == 0:
+                # The seed's rule: no SUDO_UID, no drop. Said, so that it is not silent.
+                print("mproxy-exec: --drop-sudo: the child runs as uid 0 (SUDO_UID is not set, "
+                      "or is 0, in the agent's environment)", file=sys.stderr)
             policy.process = process
             return await _Session(agent, process, fds, stdin=not args.no_stdin).run()
 

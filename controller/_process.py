@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno as errno_module
+import os
 import signal as signal_module
 from collections import deque
 from types import TracebackType
@@ -49,12 +50,16 @@ class RemoteProcess:
 
     ``stdin``, ``stdout``, ``stderr`` and ``fds[n]`` are trio streams wired through the
     agent. ``returncode`` follows the subprocess convention (-N for signal N);
-    ``exit_code`` the seed's (128+N). Leaving ``async with`` kills the process group if
-    the child is still running, waits for its exit and releases it on the agent.
+    ``exit_code`` the seed's (128+N). ``uid`` and ``gid`` are the effective ids the child
+    was started with, so that a caller can see whether ``drop_sudo_credentials`` took
+    effect (None until it has started, or from an agent that does not report them).
+    Leaving ``async with`` kills the process group if the child is still running, waits
+    for its exit and releases it on the agent.
     """
 
     def __init__(
-        self, agent: Agent, id: int, args: list[bytes | str], fds: tuple[int, ...]
+        self, agent: Agent, id: int, args: list[bytes | str], fds: tuple[int, ...],
+        program: str | bytes | os.PathLike[str],
     ) -> None:
         self._agent = agent
         self.id = id
@@ -66,6 +71,9 @@ class RemoteProcess:
         self.core_dumped = False
         self.closed = False  # close sent: nothing more flows either way
         self.spawn_error: RemoteError | OSError | None = None
+        self._program = os.fsdecode(program)  # as given (path, else argv[0]), for errors
+        self.uid: int | None = None
+        self.gid: int | None = None
         self.errors: list[RemoteError] = []
         self.credit_lot = trio.lowlevel.ParkingLot()
         self._started = trio.Event()
@@ -89,8 +97,10 @@ class RemoteProcess:
 
     # ------------------------------------------------------------------ frames in
 
-    def _on_started(self, pid: int) -> None:
+    def _on_started(self, pid: int, uid: int | None, gid: int | None) -> None:
         self.pid = pid
+        self.uid = uid
+        self.gid = gid
         self._started.set()
 
     def _on_exit(self, code: int, sig: str | None, core: bool) -> None:
@@ -111,8 +121,10 @@ class RemoteProcess:
     def _on_error(self, error: RemoteError, ref: str | None, channel: int | None) -> None:
         if ref == "exec":
             number = getattr(errno_module, error.errno or "", None)
+            # The agent's msg says why, to be read after the program's name: OSError's
+            # "[Errno 2] No such file or directory (searched $PATH): 'prog'".
             self.spawn_error = (
-                OSError(number, error.message) if number else error
+                OSError(number, error.message, self._program) if number else error
             )
             self._started.set()
         elif ref == "signal" and self._signal_waiters:

@@ -222,7 +222,12 @@ _FIELDS: Final[dict[str, tuple[tuple[str, str, Callable[[object], Any], bool], .
         ("fds", "fds", _list_of(_uint), _O),
         ("drop_sudo", "drop_sudo", _bool, _O),
     ),
-    "started": (("id", "id", _uint, _R), ("pid", "pid", _uint, _R)),
+    "started": (
+        ("id", "id", _uint, _R),
+        ("pid", "pid", _uint, _R),
+        ("uid", "uid", _uint, _O),
+        ("gid", "gid", _uint, _O),
+    ),
     "data": (
         ("id", "id", _uint, _R),
         ("ch", "ch", _uint, _R),

@@ -86,11 +86,17 @@ class Exec(Frame):
 
 @dataclass(frozen=True, slots=True)
 class Started(Frame):
-    """Agent → controller: the child is running with this pid (= its process group)."""
+    """Agent → controller: the child is running with this pid (= its process group).
+
+    ``uid`` and ``gid`` are the effective ids the child was started with (after any
+    ``drop_sudo``; a set-user-ID program may then change its own); None when the agent
+    does not say (they are optional on the wire)."""
 
     TYPE: ClassVar[str] = "started"
     id: int
     pid: int
+    uid: int | None = None
+    gid: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

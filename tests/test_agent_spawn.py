@@ -45,6 +45,61 @@ async def test_spawn_failures_report_errno_and_exit_code(tmp_path: Path) -> None
     assert status == [0]
 
 
+async def test_spawn_failed_msg_says_why_in_words_that_follow_the_program(
+    tmp_path: Path,
+) -> None:
+    # The controller shows msg after the program's name: it names neither it nor the errno.
+    script = tmp_path / "s.sh"
+    script.write_text("#!/no/such/sh\necho never\n")
+    script.chmod(0o755)
+    async with inproc() as (raw, _):
+        for argv, cwd, errno_name, code, msg in [
+            (["no-such-program-anywhere"], None, "ENOENT", 127,
+             "No such file or directory (searched $PATH)"),
+            ([str(tmp_path / "missing")], None, "ENOENT", 127, "No such file or directory"),
+            (["./s.sh"], str(tmp_path).encode(), "ENOENT", 127,
+             "interpreter '/no/such/sh' (from #!) not found"),
+            (["true"], str(tmp_path / "nowhere").encode(), "ENOENT", 126,
+             f"cannot enter directory {str(tmp_path / 'nowhere')!r}: No such file or directory"),
+        ]:
+            kid = raw.exec(argv, cwd=cwd)
+            error = await raw.error(kid, "spawn-failed")
+            assert (error.errno, error.msg) == (errno_name, msg)
+            assert (await raw.exited(kid)).code == code
+
+
+async def test_a_script_without_shebang_runs_with_sh(tmp_path: Path) -> None:
+    script = tmp_path / "nosb.sh"
+    script.write_text('echo "$0|$#|$*"; exit 3\n')
+    script.chmod(0o755)
+    async with inproc() as (raw, _):
+        for fds in ((), (3,)):  # Popen, posix_spawn
+            kid = await raw.run(["./nosb.sh", "a b", "c"], cwd=str(tmp_path).encode(), fds=fds)
+            assert kid.output(1) == b"./nosb.sh|2|a b c\n"  # what bash prints
+            assert kid.exit is not None and kid.exit.code == 3
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the credential drop needs root")
+async def test_started_gives_the_uid_and_gid_the_child_got(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with inproc() as (raw, _):  # it reads SUDO_UID from our environment at each exec
+        monkeypatch.setenv("SUDO_UID", "65534")
+        monkeypatch.setenv("SUDO_GID", "65533")
+        for fds in ((), (3,)):
+            kid = await raw.run(["sh", "-c", "id -u; id -g"], drop_sudo=True, fds=fds)
+            assert kid.started is not None
+            assert (kid.started.uid, kid.started.gid) == (65534, 65533)
+            assert kid.output(1) == b"65534\n65533\n"
+        monkeypatch.delenv("SUDO_UID")
+        monkeypatch.delenv("SUDO_GID")
+        for drop in (True, False):  # without the variables --drop-sudo is a no-op
+            kid = await raw.run(["sh", "-c", "id -u; id -g"], drop_sudo=drop)
+            assert kid.started is not None
+            assert (kid.started.uid, kid.started.gid) == (0, 0)
+            assert kid.output(1) == b"0\n0\n"
+
+
 async def test_data_for_a_child_that_failed_to_start_still_gets_credit() -> None:
     async with inproc() as (raw, _):
         kid = raw.exec(["no-such-program-anywhere"])

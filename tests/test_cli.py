@@ -210,6 +210,50 @@ def test_an_undecodable_name_is_shown_as_a_shell_would_read_it() -> None:
     assert done.stderr.startswith(b"mproxy-exec: 'no such program': "), done.stderr
 
 
+def test_a_spawn_error_is_one_line_naming_the_program(tmp_path: Path) -> None:
+    script = tmp_path / "s.sh"
+    script.write_text("#!/no/such/sh\necho never\n")
+    script.chmod(0o755)
+    missing = tmp_path / "missing"
+    for argv, status, line in [
+        (["no-such-program-mproxy", "arg"], 127,
+         "no-such-program-mproxy: No such file or directory (searched $PATH)"),
+        (["--cwd", str(tmp_path), "--", "./s.sh"], 127,
+         "./s.sh: interpreter '/no/such/sh' (from #!) not found"),
+        (["--cwd", str(missing), "--", "true"], 126,
+         f"true: cannot enter directory {str(missing)!r}: No such file or directory"),
+        (["--", str(tmp_path)], 126, f"{tmp_path}: Permission denied"),
+    ]:
+        done = run_exec(*argv)
+        assert (done.returncode, done.stdout) == (status, b"")
+        assert done.stderr.decode() == f"mproxy-exec: {line}\n"
+
+
+def test_a_script_without_shebang_runs_with_sh(tmp_path: Path) -> None:
+    script = tmp_path / "nosb.sh"
+    script.write_text('echo "$0|$#|$*"; echo err >&2; exit 3\n')
+    script.chmod(0o755)
+    bash = subprocess.run(["bash", "-c", './nosb.sh "a b" c'], cwd=tmp_path,
+                          capture_output=True, check=False)
+    done = run_exec("--", "./nosb.sh", "a b", "c", cwd=str(tmp_path))
+    assert (done.stdout, done.stderr, done.returncode) == (b"./nosb.sh|2|a b c\n", b"err\n", 3)
+    assert (done.stdout, done.stderr, done.returncode) == (
+        bash.stdout, bash.stderr, bash.returncode)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the credential drop needs root")
+def test_drop_sudo_that_drops_nothing_says_so() -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("SUDO_UID", "SUDO_GID")}
+    done = run_exec("--drop-sudo", "--", "id", "-u", env=env)
+    assert (done.returncode, done.stdout) == (0, b"0\n")
+    assert done.stderr == (b"mproxy-exec: --drop-sudo: the child runs as uid 0 (SUDO_UID is "
+                           b"not set, or is 0, in the agent's environment)\n")
+    done = run_exec("--drop-sudo", "--", "id", "-u", env={**env, "SUDO_UID": "65534"})
+    assert (done.returncode, done.stdout, done.stderr) == (0, b"65534\n", b"")
+    done = run_exec("--", "id", "-u", env=env)  # no --drop-sudo: nothing to say
+    assert (done.returncode, done.stdout, done.stderr) == (0, b"0\n", b"")
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGQUIT, signal.SIGHUP])
 def test_a_terminal_signal_to_our_process_group_goes_to_the_child(sig: signal.Signals) -> None:
     # Ctrl-C (Ctrl-\, a hangup) reaches the whole foreground process group: the agent

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -589,6 +590,68 @@ async def test_spawn_failures_raise_oserror(any_agent: controller.Agent, tmp_pat
     done = await any_agent.run_process(["echo", "still here"], capture_stdout=True)
     assert done.stdout == b"still here\n"
     await wait_until(lambda: not any_agent.processes, what="every process released")
+
+
+async def test_a_spawn_error_names_the_program_and_its_errno_once(
+    any_agent: controller.Agent, tmp_path: Path
+) -> None:
+    with pytest.raises(FileNotFoundError) as info:
+        await any_agent.open_process(["no-such-program-mproxy", "arg"])
+    assert (info.value.errno, info.value.filename) == (errno.ENOENT, "no-such-program-mproxy")
+    assert str(info.value) == (
+        "[Errno 2] No such file or directory (searched $PATH): 'no-such-program-mproxy'"
+    )
+    with pytest.raises(FileNotFoundError) as info:  # path= is the program, as executable=
+        await any_agent.run_process(["argv0"], path=tmp_path / "missing")
+    assert info.value.filename == str(tmp_path / "missing")
+    assert str(info.value) == f"[Errno 2] No such file or directory: {str(tmp_path / 'missing')!r}"
+    with pytest.raises(FileNotFoundError) as info:  # the filename as given: bytes decoded
+        await any_agent.run_process([b"./missing"], cwd=tmp_path)
+    assert info.value.filename == "./missing"
+
+
+async def test_a_missing_interpreter_is_named(any_agent: controller.Agent, tmp_path: Path) -> None:
+    # The script exists: the kernel's ENOENT is about the interpreter its #! line names.
+    script = tmp_path / "s.sh"
+    script.write_text("#!/no/such/sh\necho never\n")
+    script.chmod(0o755)
+    with pytest.raises(FileNotFoundError) as info:
+        await any_agent.run_process(["./s.sh"], cwd=tmp_path)
+    assert (info.value.errno, info.value.filename) == (errno.ENOENT, "./s.sh")
+    assert str(info.value) == "[Errno 2] interpreter '/no/such/sh' (from #!) not found: './s.sh'"
+
+
+async def test_a_script_without_shebang_runs_with_sh(
+    any_agent: controller.Agent, tmp_path: Path
+) -> None:
+    script = tmp_path / "nosb.sh"
+    script.write_text('echo "$0|$#|$*"; exit 3\n')
+    script.chmod(0o755)
+    done = await any_agent.run_process(["./nosb.sh", "a b", "c"], cwd=tmp_path,
+                                       capture_stdout=True, check=False)
+    assert (done.stdout, done.returncode) == (b"./nosb.sh|2|a b c\n", 3)  # as bash
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the credential drop needs root")
+@pytest.mark.parametrize("sudo", [True, False], ids=["SUDO_UID set", "SUDO_UID unset"])
+async def test_uid_and_gid_say_whether_drop_sudo_took_effect(
+    monkeypatch: pytest.MonkeyPatch, sudo: bool
+) -> None:
+    if sudo:
+        monkeypatch.setenv("SUDO_UID", "65534")
+        monkeypatch.setenv("SUDO_GID", "65533")
+    else:  # the seed's rule: no variables, no drop; the child runs as root
+        monkeypatch.delenv("SUDO_UID", raising=False)
+        monkeypatch.delenv("SUDO_GID", raising=False)
+    with trio.fail_after(20):
+        async with controller.open_agent() as connected:  # started with that environment
+            for drop, ids in ((True, (65534, 65533) if sudo else (0, 0)), (False, (0, 0))):
+                async with await connected.open_process(
+                    ["sh", "-c", "id -u; id -g"], drop_sudo_credentials=drop
+                ) as proc:
+                    assert (proc.uid, proc.gid) == ids
+                    assert await read_all(proc.stdout) == b"%d\n%d\n" % ids
+                    assert await proc.wait() == 0
 
 
 # ---------------------------------------------------------------- environment and cwd

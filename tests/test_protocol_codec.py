@@ -138,7 +138,8 @@ STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
         fds=extra_fds,
         drop_sudo=st.booleans(),
     ),
-    "started": st.builds(Started, id=ids, pid=uints),
+    "started": st.builds(Started, id=ids, pid=uints, uid=st.none() | uints,
+                         gid=st.none() | uints),
     "data": st.builds(
         Data, id=ids, ch=uints,
         data=st.one_of(st.binary(max_size=300), big_payloads),
@@ -297,6 +298,18 @@ def test_nil_optional_field_means_default() -> None:
     assert decode_one(wire({"t": "hello", "version": 1, "impl": "x", "impl_version": "1",
                             "max_frame": MIN_MAX_FRAME, "window": 1})) == Hello(
         version=1, impl="x", impl_version="1", max_frame=MIN_MAX_FRAME, window=1, caps=())
+
+
+def test_started_uid_and_gid_are_optional() -> None:
+    # An older agent sends started without them; they are None then, and never sent as nil.
+    assert decode_one(wire({"t": "started", "id": 1, "pid": 5})) == Started(id=1, pid=5)
+    frame = decode_one(wire({"t": "started", "id": 1, "pid": 5, "uid": 65534, "gid": 0}))
+    assert (frame.uid, frame.gid) == (65534, 0)  # type: ignore[attr-defined]
+    assert msgpack.unpackb(encode(Started(id=1, pid=5))[HEADER_SIZE:]) == {
+        "t": "started", "id": 1, "pid": 5}
+    exc = decode_error(wire({"t": "started", "id": 1, "pid": 5, "uid": -1}))
+    assert exc.kind == ErrorKind.BAD_FRAME
+    assert "started frame: field 'uid' must be an unsigned integer" in exc.message
 
 
 def test_exact_bytes_of_a_small_frame() -> None:
