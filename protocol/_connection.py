@@ -160,6 +160,7 @@ class Connection:
             max_frame=max_frame_size,
             window=window,
             caps=caps,
+            role=role.value,
         )
         try:
             check_frame(self.our_hello)
@@ -326,6 +327,16 @@ class Connection:
                     ErrorKind.VERSION_MISMATCH,
                     f"peer speaks protocol version {frame.version}, "
                     f"this side speaks {PROTOCOL_VERSION}",
+                    ref="hello",
+                    fatal=True,
+                )
+            if frame.role is not None and frame.role != self.peer_role:
+                # Our own role: nothing but an echo of our hello says that.
+                raise RemoteProtocolError(
+                    ErrorKind.HANDSHAKE,
+                    f"hello frame: the peer's hello says role {frame.role!r}, this side's "
+                    f"own: the {self.peer_role} command echoed our frames back (is it "
+                    f"`cat`?)",
                     ref="hello",
                     fatal=True,
                 )

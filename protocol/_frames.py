@@ -61,6 +61,8 @@ class Hello(Frame):
     max_frame: int
     window: int
     caps: tuple[str, ...] = ()
+    #: "agent" or "controller"; None when the peer does not say (accepted).
+    role: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -285,6 +285,19 @@ def test_agent_failure_is_255(agent: str) -> None:
     assert done.stderr.startswith(b"mproxy-exec: ")
 
 
+def test_an_agent_command_that_echoes_is_255_at_once() -> None:
+    started = time.monotonic()
+    done = run_exec("--agent", "cat", "--", "true", timeout=5)
+    assert time.monotonic() - started < 3
+    assert (done.returncode, done.stdout) == (255, b"")
+    (line,) = done.stderr.splitlines()
+    assert line.startswith(
+        b"mproxy-exec: agent failed: the agent broke the protocol: hello frame: the peer's "
+        b"hello says role 'controller', this side's own: the agent command echoed our "
+        b"frames back (is it `cat`?)"
+    ), line
+
+
 @pytest.mark.parametrize("args", [
     ["--no-such-option", "--", "true"],
     ["--fd", "1", "--", "true"],

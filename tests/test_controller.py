@@ -654,6 +654,16 @@ async def test_no_hello_within_the_handshake_timeout_is_agent_lost() -> None:
             pass
 
 
+async def test_an_agent_command_that_echoes_is_agent_lost_at_once() -> None:
+    # `cat` sends our own hello back: refused as a hello of the wrong role, not taken for
+    # an agent whose first request fails after a timeout.
+    with trio.fail_after(5), pytest.raises(
+        controller.AgentLost, match=r"says role 'controller'.*\(is it `cat`\?\)"
+    ):
+        async with controller.open_agent(["cat"], shutdown_timeout=5):
+            raise AssertionError("connected to cat")
+
+
 async def test_connect_to_something_not_a_stream_is_a_type_error() -> None:
     with trio.fail_after(10), pytest.raises(TypeError, match="got bytes and NoneType"):
         async with controller.connect(b"not a stream"):  # type: ignore[arg-type]

@@ -125,6 +125,7 @@ STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
         max_frame=st.integers(MIN_MAX_FRAME, MAX_ID),
         window=st.integers(1, MAX_ID),
         caps=tuples(texts),
+        role=st.sampled_from([None, "agent", "controller"]),
     ),
     "exec": st.builds(
         Exec,
@@ -532,6 +533,12 @@ def hello_body(**fields: Any) -> dict[str, Any]:
          "protocol version 2"),
         ({"version": "1"}, ErrorKind.BAD_FRAME,
          "hello frame: field 'version' must be an unsigned integer below 2**64, not str '1'"),
+        ({"role": "server"}, ErrorKind.HANDSHAKE,
+         "hello frame: role must be 'agent' or 'controller', not 'server'"),
+        ({"role": ""}, ErrorKind.HANDSHAKE,
+         "hello frame: role must be 'agent' or 'controller', not ''"),
+        ({"role": 1}, ErrorKind.BAD_FRAME,
+         "hello frame: field 'role' must be a string, not int 1"),
     ],
 )
 def test_hello_content_rules(fields: dict[str, Any], kind: ErrorKind, fragment: str) -> None:
@@ -539,6 +546,14 @@ def test_hello_content_rules(fields: dict[str, Any], kind: ErrorKind, fragment: 
     assert exc.kind is kind
     assert fragment in exc.message
     assert exc.ref == "hello"
+
+
+@pytest.mark.parametrize("role", [None, "agent", "controller"])
+def test_hello_role_is_optional(role: str | None) -> None:
+    fields = {} if role is None else {"role": role}
+    frame = decode_one(wire(hello_body(**fields)))
+    assert isinstance(frame, Hello)
+    assert frame.role == role
 
 
 def test_config_content_rules() -> None:

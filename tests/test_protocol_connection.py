@@ -171,7 +171,8 @@ def test_handshake_agent_speaks_first() -> None:
 def test_hello_defaults() -> None:
     conn = Connection(Role.AGENT)
     assert conn.our_hello == Hello(
-        version=1, impl="mproxy", impl_version="0", max_frame=4 << 20, window=1 << 20
+        version=1, impl="mproxy", impl_version="0", max_frame=4 << 20, window=1 << 20,
+        role="agent",
     )
     assert DEFAULT_MAX_FRAME == 4 << 20
     assert MIN_MAX_FRAME == 64 << 10
@@ -297,6 +298,52 @@ def test_receivers_own_limit_applies_before_the_peer_hello() -> None:
     big_hello = encode(hello(impl="x" * MIN_MAX_FRAME))
     exc = remote_error(conn, big_hello[:4], fatal=True)
     assert exc.kind is ErrorKind.FRAME_TOO_LARGE
+
+
+@pytest.mark.parametrize("role", list(Role))
+def test_hello_announces_the_role(role: Role) -> None:
+    conn = Connection(role)
+    assert conn.our_hello.role == role.value
+    assert decode(conn.initiate()) == conn.our_hello
+
+
+@pytest.mark.parametrize("role", list(Role))
+def test_a_hello_of_our_own_role_is_fatal(role: Role) -> None:
+    # what an echoing peer (`cat`) sends back: our own hello
+    conn = Connection(role)
+    raw = conn.initiate()
+    exc = remote_error(conn, raw + encode(Ping(n=1)), fatal=True)
+    peer = "controller" if role is Role.AGENT else "agent"
+    assert (exc.kind, exc.ref) == (ErrorKind.HANDSHAKE, "hello")
+    assert exc.message == (
+        f"hello frame: the peer's hello says role '{role}', this side's own: the {peer} "
+        f"command echoed our frames back (is it `cat`?)"
+    )
+    assert conn.their_hello is None
+    with pytest.raises(RemoteProtocolError) as again:
+        conn.next_event()
+    assert again.value is exc
+
+
+@pytest.mark.parametrize("role", list(Role))
+@pytest.mark.parametrize("peer_role", [None, "peer"])
+def test_a_hello_of_the_peers_role_or_none_is_accepted(role: Role, peer_role: str | None
+                                                       ) -> None:
+    conn = Connection(role)
+    conn.initiate()
+    their_role = None if peer_role is None else conn.peer_role.value
+    (frame,) = deliver(conn, encode(hello(role=their_role)))
+    assert conn.their_hello == frame
+    assert frame.role == their_role
+
+
+def test_an_unknown_role_is_a_bad_first_frame() -> None:
+    conn = Connection(Role.CONTROLLER)
+    exc = remote_error(conn, encode(hello(role="server")), fatal=True)
+    assert exc.kind is ErrorKind.HANDSHAKE
+    assert exc.message == (
+        "bad first frame: hello frame: role must be 'agent' or 'controller', not 'server'"
+    )
 
 
 @pytest.mark.parametrize("role", list(Role))
