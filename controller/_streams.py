@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
-from protocol import Eof, Window
+from protocol import CAP_STOP, Eof, Stop, Window
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -136,6 +136,16 @@ class _Incoming:
         self._chunks.clear()
         self._grant(sum(map(len, chunks)))
         return chunks
+
+    def close(self) -> None:
+        """The stream's ``aclose``: :meth:`stop_reading`, and have the agent stop the
+        channel (when it can), so that the child's writes fail with EPIPE as they would
+        with its reader gone locally, instead of going on into the void. An agent
+        without the ``stop`` capability keeps sending: what comes is discarded."""
+        if (not self.closed and not self.eof and not self._process.closed
+                and not self._agent.lost and CAP_STOP in self._agent.info.caps):
+            self._agent.send(Stop(self._process.id, self._ch))
+        self.stop_reading()
 
     def stop_reading(self) -> None:
         """Close the stream on our side: discard what is buffered and what arrives from
@@ -268,7 +278,9 @@ class RemoteReceiveStream(trio.abc.ReceiveStream):
         return await self._in.receive_into(buffer)
 
     async def aclose(self) -> None:
-        self._in.stop_reading()
+        """Read no more: the child's later writes to this stream fail with EPIPE (or
+        kill it with SIGPIPE), as with a local pipe whose reader closed it."""
+        self._in.close()
         await trio.lowlevel.checkpoint()
 
 
@@ -298,6 +310,8 @@ class RemoteFdStream(trio.abc.HalfCloseableStream):
         return await self._in.receive_into(buffer)
 
     async def aclose(self) -> None:
+        """Both directions: eof to the child, and what :meth:`RemoteReceiveStream.aclose`
+        does for reading (the child's writes to the fd fail with EPIPE)."""
         self._out.send_eof()
-        self._in.stop_reading()
+        self._in.close()
         await trio.lowlevel.checkpoint()

@@ -239,6 +239,7 @@ _FIELDS: Final[dict[str, tuple[tuple[str, str, Callable[[object], Any], bool], .
         ("ch", "ch", _uint, _R),
         ("n", "n", _uint, _R),
     ),
+    "stop": (("id", "id", _uint, _R), ("ch", "ch", _uint, _R)),
     "signal": (("id", "id", _uint, _R), ("sig", "sig", _str, _R)),
     "signal_ack": (
         ("id", "id", _uint, _R),

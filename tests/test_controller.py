@@ -845,6 +845,53 @@ async def test_closing_a_process_wakes_a_reader_in_an_outer_nursery(
         assert outcome in ([b""], [trio.ClosedResourceError])
 
 
+# A writer that ignores SIGPIPE, as every Python program does: it learns that its
+# reader is gone only from the write error, and exits 3 then. (An extra fd is a socket:
+# closed both ways, as aclose() does, it may answer ECONNRESET rather than EPIPE.)
+_WRITE_UNTIL_EPIPE = (
+    "import os, sys\n"
+    "fd = int(sys.argv[1])\n"
+    "try:\n"
+    "    while True: os.write(fd, b'x' * 4096)\n"
+    "except (BrokenPipeError, ConnectionResetError):\n"
+    "    sys.exit(3)\n"
+)
+
+
+@pytest.mark.parametrize("ch", [1, 2, 3])
+async def test_closing_an_output_stream_makes_the_childs_writes_fail_with_epipe(
+        any_agent: controller.Agent, ch: int) -> None:
+    # As with a local pipe whose reader is gone (it used to run for ever: the output
+    # was read and discarded).
+    with trio.fail_after(10):
+        async with await any_agent.open_process(
+                [sys.executable, "-c", _WRITE_UNTIL_EPIPE, str(ch)], extra_fds=[3]) as proc:
+            stream = proc.fds[3] if ch == 3 else proc.stdout if ch == 1 else proc.stderr
+            assert await stream.receive_some(1)
+            await stream.aclose()
+            assert await proc.wait() == 3
+
+
+async def test_closing_an_output_stream_of_an_agent_without_stop_discards_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # An agent that predates the stop frame does not announce it: nothing is sent that
+    # it would refuse; what the child writes is discarded, as before, until it ends.
+    monkeypatch.setattr("agent._agent.CAP_STOP", "not-stop")
+    agent_side, controller_side = trio.testing.memory_stream_pair()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(agent.serve, agent.StreamTransport(agent_side, agent_side))
+            async with controller.connect(controller_side) as remote:
+                assert "stop" not in remote.info.caps
+                async with await remote.open_process(
+                        ["sh", "-c", "head -c 3000000 /dev/zero; echo done >&2"]) as proc:
+                    assert await proc.stdout.receive_some(1)
+                    await proc.stdout.aclose()
+                    assert await read_all(proc.stderr) == b"done\n"
+                    assert await proc.wait() == 0
+                assert proc.errors == []
+
+
 async def test_closing_a_process_drops_its_queued_input(
         caplog: pytest.LogCaptureFixture) -> None:
     # Input still queued here (the agent reads slower) when its process is closed used to

@@ -43,6 +43,7 @@ from protocol import (
     Signal,
     SignalAck,
     Started,
+    Stop,
     Window,
     encode,
     encode_data_header,
@@ -146,6 +147,7 @@ STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
     ),
     "eof": st.builds(Eof, id=ids, ch=uints, n=st.none() | uints),
     "window": st.builds(Window, id=ids, ch=uints, n=st.integers(1, MAX_ID)),
+    "stop": st.builds(Stop, id=ids, ch=uints),
     "signal": st.builds(Signal, id=ids, sig=signal_names),
     "signal_ack": st.builds(SignalAck, id=ids, sig=texts, errno=st.none() | texts),
     "exit": st.builds(
@@ -171,7 +173,7 @@ any_frame: st.SearchStrategy[Frame] = st.one_of(*STRATEGIES.values())
 
 def test_strategies_cover_every_frame_type() -> None:
     assert STRATEGIES.keys() == FRAME_TYPES.keys()
-    assert len(FRAME_TYPES) == 18
+    assert len(FRAME_TYPES) == 19
 
 
 # ----------------------------------------------------------------------------- round trips
@@ -554,6 +556,15 @@ def test_hello_role_is_optional(role: str | None) -> None:
     frame = decode_one(wire(hello_body(**fields)))
     assert isinstance(frame, Hello)
     assert frame.role == role
+
+
+def test_stop_wire_form() -> None:
+    raw = encode(Stop(id=3, ch=2))
+    assert msgpack.unpackb(raw[4:]) == {"t": "stop", "id": 3, "ch": 2}
+    assert decode_one(raw) == Stop(id=3, ch=2)
+    exc = decode_error(wire({"t": "stop", "id": 3}))
+    assert (exc.kind, exc.id, exc.ref) == (ErrorKind.BAD_FRAME, 3, "stop")
+    assert exc.message == "stop frame: missing field 'ch'"
 
 
 def test_config_content_rules() -> None:

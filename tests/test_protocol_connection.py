@@ -48,6 +48,7 @@ from protocol import (
     Signal,
     SignalAck,
     Started,
+    Stop,
     Window,
     encode,
 )
@@ -85,9 +86,10 @@ def deliver(conn: Connection, data: bytes) -> list[Frame]:
 def pair(
     agent_window: int = AGENT_WINDOW, controller_window: int = CONTROLLER_WINDOW,
     agent_max_frame: int = DEFAULT_MAX_FRAME, controller_max_frame: int = DEFAULT_MAX_FRAME,
+    agent_caps: tuple[str, ...] = (),
 ) -> tuple[Connection, Connection]:
     agent = Connection(Role.AGENT, window=agent_window, max_frame_size=agent_max_frame,
-                       impl="agent", impl_version="a1")
+                       impl="agent", impl_version="a1", caps=agent_caps)
     ctrl = Connection(Role.CONTROLLER, window=controller_window,
                       max_frame_size=controller_max_frame, impl="ctrl", impl_version="c1")
     (a_hello,) = deliver(ctrl, agent.initiate())
@@ -385,7 +387,7 @@ def test_agent_frames_sent_by_the_controller(frame: Frame, id: int | None) -> No
 @pytest.mark.parametrize(
     ("frame", "id"),
     [(Exec(id=1, argv=(b"x",)), 1), (Signal(id=1, sig="TERM"), 1), (Close(id=1), 1),
-     (Config(env_keep=("A",)), None), (Shutdown(), None)],
+     (Config(env_keep=("A",)), None), (Shutdown(), None), (Stop(id=1, ch=1), 1)],
 )
 def test_controller_frames_sent_by_the_agent(frame: Frame, id: int | None) -> None:
     ctrl = handshaken(Role.CONTROLLER)
@@ -429,7 +431,7 @@ def test_wrong_field_types(role: Role, body: dict[str, Any], fragment: str,
 @pytest.mark.parametrize(
     "frame",
     [Data(id=9, ch=0, data=b"x"), Eof(id=9, ch=0), Window(id=9, ch=1, n=5),
-     Signal(id=9, sig="INT"), Close(id=9)],
+     Signal(id=9, sig="INT"), Close(id=9), Stop(id=9, ch=1)],
 )
 def test_unknown_child_at_the_agent(frame: Frame) -> None:
     agent, ctrl = pair()
@@ -678,6 +680,144 @@ def test_window_after_eof_is_harmless() -> None:
     assert deliver(ctrl, encode(Window(id=1, ch=0, n=5))) == []
     # nor does anyone grant credit for a channel whose sender has finished
     assert agent.send(Window(id=1, ch=0, n=5)) == b""
+
+
+# ----------------------------------------------------------------------------- stop
+
+
+def stop_pair() -> tuple[Connection, Connection]:
+    agent, ctrl = pair(agent_caps=("stop",))
+    spawn(agent, ctrl, fds=(3,))
+    return agent, ctrl
+
+
+def local_error(conn: Connection, frame: Frame) -> LocalProtocolError:
+    with pytest.raises(LocalProtocolError) as info:
+        conn.send(frame)
+    return info.value
+
+
+def test_stop_ends_one_output_channel_with_its_eof() -> None:
+    agent, ctrl = stop_pair()
+    # sent by the agent before the stop arrives: in flight, accepted and counted
+    in_flight = agent.send_data(1, 1, b"abc") + b"abc"
+    assert deliver(agent, ctrl.send(Stop(id=1, ch=1))) == [Stop(id=1, ch=1)]
+    assert deliver(ctrl, in_flight) == [Data(id=1, ch=1, data=b"abc")]
+    # no data after the stop, only the eof, which counts every byte sent
+    with pytest.raises(LocalProtocolError) as info:
+        agent.send_data(1, 1, b"more")
+    assert (info.value.kind, info.value.id, info.value.ref) == (
+        ErrorKind.CHANNEL_CLOSED, 1, "data")
+    assert info.value.message == (
+        "channel 1 of child 1 was stopped by the controller: send its eof")
+    assert agent.bytes_sent(1, 1) == 3
+    assert deliver(ctrl, agent.send(Eof(id=1, ch=1))) == [Eof(id=1, ch=1, n=3)]
+    # the other channels go on
+    assert deliver(ctrl, agent.send_data(1, 2, b"err") + b"err") == [
+        Data(id=1, ch=2, data=b"err")]
+    assert deliver(agent, ctrl.send_data(1, 0, b"in") + b"in") == [
+        Data(id=1, ch=0, data=b"in")]
+
+
+def test_stop_of_an_extra_fd_leaves_the_other_direction_open() -> None:
+    agent, ctrl = stop_pair()
+    assert deliver(agent, ctrl.send(Stop(id=1, ch=3))) == [Stop(id=1, ch=3)]
+    assert deliver(ctrl, agent.send(Eof(id=1, ch=3))) == [Eof(id=1, ch=3, n=0)]
+    assert deliver(agent, ctrl.send_data(1, 3, b"to fd 3") + b"to fd 3") == [
+        Data(id=1, ch=3, data=b"to fd 3")]
+    assert deliver(ctrl, agent.send(Window(id=1, ch=3, n=7))) == [Window(id=1, ch=3, n=7)]
+    assert ctrl.send_credit(1, 3) == AGENT_WINDOW
+
+
+def test_no_credit_for_a_stopped_channel() -> None:
+    agent, ctrl = stop_pair()
+    deliver(ctrl, agent.send_data(1, 1, b"x" * 10) + b"x" * 10)
+    deliver(agent, ctrl.send(Stop(id=1, ch=1)))
+    # granting it is pointless: nothing but the eof comes
+    assert ctrl.send(Window(id=1, ch=1, n=10)) == b""
+    # a rogue controller's grant is dropped without a word
+    assert deliver(agent, encode(Window(id=1, ch=1, n=10))) == []
+    assert agent.send_credit(1, 1) == CONTROLLER_WINDOW - 10
+
+
+def test_stop_after_the_eof_arrived_is_not_sent() -> None:
+    agent, ctrl = stop_pair()
+    deliver(ctrl, agent.send(Eof(id=1, ch=2)))
+    assert ctrl.send(Stop(id=1, ch=2)) == b""
+    exc = local_error(ctrl, Stop(id=1, ch=2))
+    assert (exc.kind, exc.message) == (
+        ErrorKind.BAD_FRAME, "stop frame: channel 2 of child 1 was already stopped")
+
+
+def test_stop_crossing_the_agents_eof_is_dropped() -> None:
+    agent, ctrl = stop_pair()
+    eof = agent.send(Eof(id=1, ch=2))
+    assert deliver(agent, ctrl.send(Stop(id=1, ch=2))) == []
+    assert deliver(ctrl, eof) == [Eof(id=1, ch=2, n=0)]
+    # and counts as the one stop of that channel
+    exc = remote_error(agent, encode(Stop(id=1, ch=2)))
+    assert exc.kind is ErrorKind.BAD_FRAME
+
+
+@pytest.mark.parametrize(
+    ("setup", "frame", "kind", "message"),
+    [
+        ("stopped", Stop(id=1, ch=1), ErrorKind.BAD_FRAME,
+         "stop frame: channel 1 of child 1 was already stopped"),
+        ("", Stop(id=1, ch=0), ErrorKind.BAD_CHANNEL,
+         "stop frame: child 1 has no channel 0 to receive on"),
+        ("", Stop(id=1, ch=4), ErrorKind.BAD_CHANNEL,
+         "stop frame: child 1 has no channel 4 to receive on"),
+        ("closed", Stop(id=1, ch=1), ErrorKind.CHANNEL_CLOSED, "stop frame: child 1 is closed"),
+        ("", Stop(id=2, ch=1), ErrorKind.UNKNOWN_CHILD, "no child with id 2"),
+    ],
+)
+def test_stop_rules_locally(setup: str, frame: Stop, kind: ErrorKind, message: str) -> None:
+    _agent, ctrl = stop_pair()
+    if setup == "stopped":
+        ctrl.send(Stop(id=1, ch=1))
+    if setup == "closed":
+        ctrl.send(Close(id=1))
+    exc = local_error(ctrl, frame)
+    assert (exc.kind, exc.message, exc.id) == (kind, message, frame.id)
+    # nothing changed: the channel takes a stop (or, closed, takes none)
+    if not setup:
+        assert ctrl.send(Stop(id=1, ch=1)) != b""
+
+
+def test_stop_needs_the_agents_capability() -> None:
+    agent, ctrl = pair()  # an agent that does not announce "stop"
+    spawn(agent, ctrl)
+    exc = local_error(ctrl, Stop(id=1, ch=1))
+    assert (exc.kind, exc.message) == (
+        ErrorKind.BAD_FRAME, "stop frame: the agent does not announce the 'stop' capability")
+    assert ctrl.send(Window(id=1, ch=1, n=5)) != b""  # the channel was left as it was
+
+
+@pytest.mark.parametrize(
+    ("setup", "frame", "kind", "message"),
+    [
+        ("stopped", Stop(id=1, ch=1), ErrorKind.BAD_FRAME,
+         "stop frame: channel 1 of child 1 was already stopped"),
+        ("", Stop(id=1, ch=0), ErrorKind.BAD_CHANNEL,
+         "stop frame: child 1 has no channel 0 in the agent's direction"),
+        ("", Stop(id=1, ch=9), ErrorKind.BAD_CHANNEL,
+         "stop frame: child 1 has no channel 9 in the agent's direction"),
+        ("closed", Stop(id=1, ch=1), ErrorKind.CHANNEL_CLOSED, "stop frame: child 1 was closed"),
+    ],
+)
+def test_stop_rules_at_the_agent(setup: str, frame: Stop, kind: ErrorKind, message: str
+                                 ) -> None:
+    agent, ctrl = stop_pair()
+    if setup == "stopped":
+        deliver(agent, ctrl.send(Stop(id=1, ch=1)))
+    if setup == "closed":
+        deliver(agent, ctrl.send(Close(id=1)))
+    exc = remote_error(agent, encode(frame))
+    assert (exc.kind, exc.message, exc.id, exc.ref) == (kind, message, 1, "stop")
+    assert_still_works(agent)
+    if not setup:  # a rejected stop left the channel open
+        assert agent.send_data(1, 1, b"x") != b""
 
 
 def test_data_larger_than_the_peers_frame_limit() -> None:
@@ -1026,6 +1166,7 @@ def test_exec_before_the_agents_hello() -> None:
         (Role.CONTROLLER, Started(id=1, pid=1)), (Role.CONTROLLER, Exit(id=1, code=0)),
         (Role.CONTROLLER, SignalAck(id=1, sig="TERM")), (Role.CONTROLLER, Closed(id=1)),
         (Role.CONTROLLER, Log(level="info", msg="x")), (Role.CONTROLLER, Goodbye()),
+        (Role.AGENT, Stop(id=1, ch=1)),
     ],
 )
 def test_wrong_role_frames_locally(role: Role, frame: Frame) -> None:
