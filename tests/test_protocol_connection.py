@@ -1242,14 +1242,14 @@ def test_control_frames_larger_than_the_peers_limit_are_refused() -> None:
 
 OPS = ["exec", "started", "a_data", "c_data", "a_eof", "c_eof", "a_window", "c_window",
        "signal", "ack", "exit", "close", "closed", "ping", "to_ctrl", "to_agent", "to_ctrl",
-       "to_agent", "a_data", "c_data", "exit", "close", "closed", "closed"]
+       "to_agent", "a_data", "c_data", "exit", "close", "closed", "closed", "stop"]
 
 
 @settings(deadline=None, max_examples=150, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_random_conforming_operation(data: st.DataObject) -> None:
     """Whatever a conforming side sends, in any interleaving, the other side accepts."""
-    agent, ctrl = pair(agent_window=64, controller_window=48)
+    agent, ctrl = pair(agent_window=64, controller_window=48, agent_caps=("stop",))
     to_agent: list[bytes] = []
     to_ctrl: list[bytes] = []
     # the agent's view (filled as frames arrive) and the controller's
@@ -1263,15 +1263,21 @@ def test_random_conforming_operation(data: st.DataObject) -> None:
         swallowed = (
             conn is ctrl and isinstance(frame, (Data, Eof, Window)) and frame.id in c_closing
         ) or (
-            isinstance(frame, Window) and conn.has_child(frame.id)
+            isinstance(frame, (Window, Stop)) and conn.has_child(frame.id)
             and not conn.can_send(frame.id, frame.ch)
+        ) or (
+            # credit for a channel the controller stopped: only its eof will follow
+            conn is agent and isinstance(frame, Window) and frame.id in a_kids
+            and frame.ch in a_kids[frame.id]["stopped"]
         )
         events = deliver(conn, raw)
         assert events == ([] if swallowed else [frame])
         event(f"{type(frame).__name__} {'swallowed' if swallowed else 'accepted'}")
         if conn is agent and isinstance(frame, Exec):
             a_kids[frame.id] = {"started": False, "exited": False, "close": False,
-                                "chans": sorted({1, 2, *frame.fds})}
+                                "chans": sorted({1, 2, *frame.fds}), "stopped": set()}
+        elif conn is agent and isinstance(frame, Stop):
+            a_kids[frame.id]["stopped"].add(frame.ch)
         elif conn is agent and isinstance(frame, Close):
             a_kids[frame.id]["close"] = True
         elif conn is ctrl and isinstance(frame, Closed):
@@ -1291,7 +1297,7 @@ def test_random_conforming_operation(data: st.DataObject) -> None:
                 receive(conn, queue.pop(0))
         elif op == "ping":
             to_agent.append(ctrl.send(Ping(n=1)))
-        elif op in ("c_data", "c_eof", "c_window", "signal", "close") and c_ids:
+        elif op in ("c_data", "c_eof", "c_window", "signal", "close", "stop") and c_ids:
             id = data.draw(st.sampled_from(c_ids))
             if op == "c_data":
                 chans = [ch for ch in (0, 3, 4) if ctrl.can_send(id, ch)]
@@ -1310,6 +1316,13 @@ def test_random_conforming_operation(data: st.DataObject) -> None:
                     to_agent.append(out)
             elif op == "signal":
                 to_agent.append(ctrl.send(Signal(id=id, sig="TERM")))
+            elif op == "stop":
+                chans = [ch for ch in (1, 2, 3, 4) if ch in ctrl._children[id].received
+                         and ch not in ctrl._children[id].stopped]
+                if chans:
+                    out = ctrl.send(Stop(id=id, ch=data.draw(st.sampled_from(chans))))
+                    if out:
+                        to_agent.append(out)
             else:
                 to_agent.append(ctrl.send(Close(id=id)))
                 c_closing.add(id)
@@ -1330,7 +1343,7 @@ def test_random_conforming_operation(data: st.DataObject) -> None:
                 del a_kids[id]
             elif op == "a_data":
                 ch = data.draw(st.sampled_from(kid["chans"]))
-                if agent.can_send(id, ch) or kid["close"]:
+                if (agent.can_send(id, ch) and ch not in kid["stopped"]) or kid["close"]:
                     size = data.draw(st.integers(0, agent.send_credit(id, ch)))
                     header = agent.send_data(id, ch, b"a" * size)
                     out = header + b"a" * size if header else b""
