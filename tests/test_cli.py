@@ -295,13 +295,16 @@ def test_a_child_closing_its_output_early_gives_our_reader_eof_at_once(where: st
             with os.fdopen(reader, "rb") as stream:
                 assert stream.read() == b"out\n"  # to the end, while the child sleeps on
             assert proc.poll() is None
+            assert proc.stderr is not None
+            # Written after the close: the signal must not end the child before it is.
+            assert proc.stderr.readline() == b"closed\n"
             proc.send_signal(signal.SIGTERM)  # forwarded: ends the sleep
             _, err = proc.communicate(timeout=TIMEOUT)
     finally:
         for each in (reader, writer):
             with contextlib.suppress(OSError):
                 os.close(each)
-    assert (proc.returncode, err) == (128 + signal.SIGTERM, b"closed\n")
+    assert (proc.returncode, err) == (128 + signal.SIGTERM, b"")
 
 
 def test_agent_dying_mid_run_is_255() -> None:
