@@ -16,6 +16,7 @@ import trio
 
 import childproc
 from protocol import (
+    CAP_STOP,
     DEFAULT_MAX_FRAME,
     DEFAULT_WINDOW,
     Close,
@@ -40,6 +41,7 @@ from protocol import (
     Signal,
     SignalAck,
     Started,
+    Stop,
     Window,
 )
 
@@ -106,7 +108,8 @@ class Child:
         self.pipes: childproc.Pipes | None = None
         self.status: ExitStatus | None = None
         self.spawning = True
-        self.early: list[Data | Eof] = []  # stdin frames that arrived before the spawn
+        # Channel frames that arrived before the spawn finished.
+        self.early: list[Data | Eof | Stop] = []
         self.pending_signals: list[Signal] = []
         self.outs: dict[int, OutPump] = {}
         self.ins: dict[int, InPump] = {}
@@ -175,7 +178,7 @@ class Agent:
         self.conn = Connection(
             Role.AGENT, max_frame_size=max_frame, window=window, impl="mproxy-agent",
             impl_version=version,
-            caps=("signal-ack", "half-close", "env-policy")
+            caps=("signal-ack", "half-close", "env-policy", CAP_STOP)
             + (("cgroup",) if contained else ()),
         )
         self.writer = FrameWriter(transport)
@@ -318,7 +321,7 @@ class Agent:
     # ------------------------------------------------------------------ frames
 
     def _dispatch(self, frame: Frame) -> None:
-        if isinstance(frame, (Data, Eof)):
+        if isinstance(frame, (Data, Eof, Stop)):
             child = self.children[frame.id]
             if child.spawning:
                 child.early.append(frame)
@@ -359,7 +362,12 @@ class Agent:
                      version=frame.impl_version)
         # Pong needs nothing.
 
-    def _route_input(self, child: Child, frame: Data | Eof) -> None:
+    def _route_input(self, child: Child, frame: Data | Eof | Stop) -> None:
+        if isinstance(frame, Stop):
+            out = child.outs.get(frame.ch)
+            if out is not None:  # else the child never started: nothing to stop
+                out.stop()
+            return
         pump = child.ins.get(frame.ch)
         if pump is None:
             # The child never started: discard, but keep the controller's credit flowing.

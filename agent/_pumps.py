@@ -104,7 +104,8 @@ class OutPump:
 
     Reads only while the channel has credit and the agent's output budget allows, so a
     controller that stops reading stops the child (its pipe fills) instead of growing the
-    agent's memory. Sends ``eof`` with the byte count when the child's end closes.
+    agent's memory. Sends ``eof`` with the byte count when the child's end closes, or
+    when the controller sends ``stop`` (:meth:`stop`).
     """
 
     def __init__(self, agent: Agent, child: Child, ch: int, endpoint: Endpoint) -> None:
@@ -115,7 +116,9 @@ class OutPump:
         self.read_total = 0
         self.written_total = 0
         self.finished = False
-        self.dropped = False  # read output was discarded (the child was closed)
+        self.dropped = False  # output is no longer wanted (the child closed, or stopped)
+        self.stopped = False  # the controller reads no more of this channel
+        self._scope = trio.CancelScope()  # cancelled by stop()
         self._in_flight = 0
         self._progress = trio.lowlevel.ParkingLot()
         # Bulk output of a pipe is spliced to the controller (Linux): the kernel moves the
@@ -130,64 +133,95 @@ class OutPump:
         self._bulk = False
 
     async def run(self) -> None:
-        agent, child, conn = self._agent, self._child, self._agent.conn
-        fd = self.endpoint.fd
+        """Pump until the child's end closes or the controller stops the channel, then
+        send its eof, and close our end (a socket's read side only). Returns without eof
+        when the child is closed."""
+        ended = False
         try:
-            while True:
-                credit = conn.send_credit(child.id, self.ch)
-                if credit == 0 or self._in_flight >= _MAX_IN_FLIGHT or self._splicing:
-                    if not conn.can_send(child.id, self.ch):
-                        return  # the controller closed the child
-                    if credit or self._splicing:
-                        await self._progress.park()
-                    elif await self._ends_before_credit(fd):
-                        break  # eof carries no data: it needs no credit
-                    continue
-                # Bulk output usually waits already when the last splice is written:
-                # splice it without a wait, which would cost a scheduling round (the
-                # park for the splice's completion is this iteration's checkpoint).
-                bulk = self._can_splice and self._bulk
-                if bulk and self._splice(credit):
-                    continue
-                # Wait for output before taking budget: an idle child must hold none.
-                await trio.lowlevel.wait_readable(fd)
-                if bulk and self._splice(credit):
-                    continue
-                size = min(credit, READ_CHUNK if self._bulk else _SMALL_READ,
-                           conn.max_data_payload)
-                await agent.output_budget.acquire(size)
-                try:
-                    data = os.read(fd, size) if self._bulk else _read_small(fd, size)
-                except BlockingIOError:
-                    data = None
-                except OSError as exc:  # ECONNRESET on a socket: its end is gone
-                    if exc.errno not in (errno.ECONNRESET, errno.EIO):
-                        agent.output_budget.release(size)
-                        raise
-                    data = b""
-                agent.output_budget.release(size - len(data or b""))
-                if data is None:
-                    continue
-                if not data:
-                    break
-                self._bulk = len(data) >= _SPLICE_MIN
-                self.read_total += len(data)
-                header = conn.send_data(child.id, self.ch, data)
-                if not header:  # the controller closed the child meanwhile
-                    agent.output_budget.release(len(data))
-                    self.dropped = True
-                    return
-                self._in_flight += 1
-                agent.writer.send_data(header, data, on_written=self._written_cb(len(data)))
-            eof = conn.send(Eof(child.id, self.ch))
-            agent.writer.send_data(eof)
+            with self._scope:
+                ended = await self._pump()
+            if ended or self.stopped:
+                self._agent.writer.send_data(
+                    self._agent.conn.send(Eof(self._child.id, self.ch)))
         except trio.ClosedResourceError:
             pass  # the child was released while we waited
         finally:
             self.finished = True
             self._progress.unpark_all()
+            # After a stop this is what makes the child's writes fail with EPIPE: the
+            # pipe has no reader left (once a splice under way, which reads through a
+            # dup, is done); a socket is shut down for reading, its other direction
+            # goes on.
             self.endpoint.done(socket.SHUT_RD)
-            child.pump_finished()
+            self._child.pump_finished()
+
+    def stop(self) -> None:
+        """The controller reads no more of this channel: read nothing more, end it with
+        its eof (frames already queued for the writer still go: the eof counts them)
+        and close our read end. Exit no longer waits for its output."""
+        self.stopped = True
+        self.dropped = True
+        self._progress.unpark_all()
+        self._scope.cancel()
+
+    async def _pump(self) -> bool:
+        """Move the child's output until its end closes (True); False when the child
+        was closed or the channel stopped. A stop may come while this task is being
+        woken (too late to cancel that wait): it is checked after each wait."""
+        agent, child, conn = self._agent, self._child, self._agent.conn
+        fd = self.endpoint.fd
+        while not self.stopped:
+            credit = conn.send_credit(child.id, self.ch)
+            if credit == 0 or self._in_flight >= _MAX_IN_FLIGHT or self._splicing:
+                if not conn.can_send(child.id, self.ch):
+                    return False  # the controller closed the child
+                if credit or self._splicing:
+                    await self._progress.park()
+                elif await self._ends_before_credit(fd):
+                    return True  # eof carries no data: it needs no credit
+                continue
+            # Bulk output usually waits already when the last splice is written:
+            # splice it without a wait, which would cost a scheduling round (the
+            # park for the splice's completion is this iteration's checkpoint).
+            bulk = self._can_splice and self._bulk
+            if bulk and self._splice(credit):
+                continue
+            # Wait for output before taking budget: an idle child must hold none.
+            await trio.lowlevel.wait_readable(fd)
+            if self.stopped:
+                break
+            if bulk and self._splice(credit):
+                continue
+            size = min(credit, READ_CHUNK if self._bulk else _SMALL_READ,
+                       conn.max_data_payload)
+            await agent.output_budget.acquire(size)
+            if self.stopped:
+                agent.output_budget.release(size)
+                break
+            try:
+                data = os.read(fd, size) if self._bulk else _read_small(fd, size)
+            except BlockingIOError:
+                data = None
+            except OSError as exc:  # ECONNRESET on a socket: its end is gone
+                if exc.errno not in (errno.ECONNRESET, errno.EIO):
+                    agent.output_budget.release(size)
+                    raise
+                data = b""
+            agent.output_budget.release(size - len(data or b""))
+            if data is None:
+                continue
+            if not data:
+                return True
+            self._bulk = len(data) >= _SPLICE_MIN
+            self.read_total += len(data)
+            header = conn.send_data(child.id, self.ch, data)
+            if not header:  # the controller closed the child meanwhile
+                agent.output_budget.release(len(data))
+                self.dropped = True
+                return False
+            self._in_flight += 1
+            agent.writer.send_data(header, data, on_written=self._written_cb(len(data)))
+        return False
 
     def _splice(self, credit: int) -> bool:
         """Queue a splice of what the pipe holds, if that is bulk; False to read instead."""
@@ -265,9 +299,9 @@ class OutPump:
 
     async def drain(self, target: int) -> None:
         """Return once ``target`` bytes have been written out, or output was dropped
-        because the controller closed the child. Written, not merely queued (even when
-        the pump has finished reading): exit is a control frame, which the writer sends
-        ahead of queued data."""
+        because the controller closed the child or stopped the channel. Written, not
+        merely queued (even when the pump has finished reading): exit is a control
+        frame, which the writer sends ahead of queued data."""
         while self.written_total < target and not self.dropped:
             await self._progress.park()
 

@@ -138,11 +138,11 @@ class Agent:
             async with contextlib.aclosing(receive_frames(self.transport, self.conn)) as frames:
                 async for event in frames:
                     if isinstance(event, RemoteProtocolError):
-                        agent_logger.error("protocol error from the agent: %s", event.message)
                         self.writer.send_control(self.conn.send(Error.from_exception(event)))
-                        if event.fatal:
+                        if event.fatal:  # the AgentLost that follows says it
                             self._lose(f"the agent broke the protocol: {event.message}")
                             return
+                        agent_logger.error("protocol error from the agent: %s", event.message)
                         continue
                     self._dispatch(event)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:

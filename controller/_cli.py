@@ -29,7 +29,7 @@ import trio
 import childproc
 from agent import __version__
 from agent._env import DEFAULT_KEEP, DEFAULT_REMOVE
-from protocol import LocalProtocolError
+from protocol import CAP_STOP, LocalProtocolError
 
 from ._agent import Agent, _collapse, open_agent
 from ._errors import AgentError, RemoteError
@@ -366,16 +366,20 @@ class _Session:
 
     async def pump_out(self, stream: _OutputStream, local: _LocalOutput, fd: int,
                        is_socket: bool) -> None:
-        """The child → our fd until EOF; a closed reader on our side gets the child a
-        SIGPIPE, as a local pipeline would. At EOF our end goes too (a socket is shut
-        down for writing), so that the reader sees the end when the child closed its
-        end, not when we exit; not stderr (ours too) nor an fd we also read."""
+        """The child → our fd until EOF. When our fd fails (its reader is gone), the
+        stream is closed: the child's next write to it fails with EPIPE (SIGPIPE), as in
+        a local pipeline. At EOF our end goes too (a socket is shut down for writing),
+        so that the reader sees the end when the child closed its end, not when we
+        exit; not stderr (ours too) nor an fd we also read."""
         buffer = memoryview(bytearray(_WRITE_SIZE))  # reused: no allocation per chunk
         while count := await stream.receive_into(buffer):
             try:
                 await local.write(buffer[:count])
             except BrokenPipeError:
-                await self.process.send_signal("PIPE")
+                if CAP_STOP not in self.agent.info.caps:
+                    # An agent without stop would go on reading what the child writes:
+                    # SIGPIPE to its group stands in for the EPIPE it cannot give.
+                    await self.process.send_signal("PIPE")
                 await stream.aclose()
                 return
             except OSError as exc:  # ENOSPC, EIO...: like a lost reader, minus the signal

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
-from protocol import Eof, Window
+from protocol import CAP_STOP, Eof, Stop, Window
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -75,12 +75,15 @@ class _Outgoing:
         await self._wait_credit()
 
     def send_eof(self) -> None:
+        """End the channel; a send of another task waiting for credit raises
+        ClosedResourceError at once (as would every later one)."""
         if not self.eof_sent and not self._process.closed and not self._agent.lost:
             self.eof_sent = True
             # Through the data queue: the eof must not overtake the data before it.
             self._agent.writer.send_data(self._agent.conn.send(Eof(self._process.id, self._ch)),
                                          owner=self._process.id)
         self.eof_sent = True
+        self._process.credit_lot.unpark_all()
 
 
 class _Incoming:
@@ -100,10 +103,12 @@ class _Incoming:
         self._consumed = 0
         self._lot = trio.lowlevel.ParkingLot()
         self._busy = False
-        self.discard = False  # nobody will read: grant credit on arrival
+        # Closed on our side (aclose, the process closed): reads raise
+        # ClosedResourceError, what arrives is discarded with its credit granted back.
+        self.closed = False
 
     def feed(self, data: bytes | memoryview) -> None:
-        if self.discard:
+        if self.closed:
             self._grant(len(data))
         elif data:
             self._chunks.append(data)
@@ -132,12 +137,25 @@ class _Incoming:
         self._grant(sum(map(len, chunks)))
         return chunks
 
+    def close(self) -> None:
+        """The stream's ``aclose``: :meth:`stop_reading`, and have the agent stop the
+        channel (when it can), so that the child's writes fail with EPIPE as they would
+        with its reader gone locally, instead of going on into the void. An agent
+        without the ``stop`` capability keeps sending: what comes is discarded."""
+        if (not self.closed and not self.eof and not self._process.closed
+                and not self._agent.lost and CAP_STOP in self._agent.info.caps):
+            self._agent.send(Stop(self._process.id, self._ch))
+        self.stop_reading()
+
     def stop_reading(self) -> None:
-        """Discard what is buffered and what arrives from now on."""
-        self.discard = True
+        """Close the stream on our side: discard what is buffered and what arrives from
+        now on; a read blocked in another task raises ClosedResourceError at once, and so
+        does every later read."""
+        self.closed = True
         pending = sum(len(c) for c in self._chunks)
         self._chunks.clear()
         self._grant(pending)
+        self._lot.unpark_all()
 
     def _grant(self, size: int) -> None:
         self._consumed += size
@@ -165,7 +183,8 @@ class _Incoming:
 
     async def _receive(self, max_bytes: int) -> list[bytes | memoryview]:
         """Waits for data or EOF and returns the parts of up to ``max_bytes`` of it (no
-        parts at EOF), granting the credit for them.
+        parts at EOF), granting the credit for them. Raises ClosedResourceError once the
+        stream is closed on our side, also while it waits.
 
         Up to ``max_bytes`` because every read is a trio checkpoint: a bulk stream
         arrives as payloads of any size, and returning one of them per call cost ~2.4
@@ -178,9 +197,11 @@ class _Incoming:
         try:
             await trio.lowlevel.checkpoint_if_cancelled()
             parked = False  # a park is a full checkpoint: no second yield needed
-            while not self._chunks and not self.eof:
-                if self.discard:
+            while True:
+                if self.closed:
                     raise trio.ClosedResourceError("the stream was closed")
+                if self._chunks or self.eof:
+                    break
                 self._agent.raise_if_lost()
                 await self._lot.park()
                 parked = True
@@ -216,8 +237,10 @@ def _in_receive_buffer(chunk: bytes | memoryview) -> bool:
 
 class RemoteSendStream(trio.abc.SendStream):
     """The child's stdin. ``send_all`` waits for flow-control credit; ``aclose`` sends
-    eof (the child sees end of input). If the child closed its stdin, ``send_all``
-    raises :class:`trio.BrokenResourceError`; if the agent is lost, :class:`AgentLost`."""
+    eof (the child sees end of input), and a ``send_all`` of another task waiting for
+    credit then raises :class:`trio.ClosedResourceError`, as does every later one. If
+    the child closed its stdin, ``send_all`` raises :class:`trio.BrokenResourceError`;
+    if the agent is lost, :class:`AgentLost`."""
 
     def __init__(self, outgoing: _Outgoing) -> None:
         self._out = outgoing
@@ -236,7 +259,10 @@ class RemoteSendStream(trio.abc.SendStream):
 class RemoteReceiveStream(trio.abc.ReceiveStream):
     """The child's stdout or stderr. Reading grants the agent credit to send more: a
     stream nobody reads stops the child once the window is full (bounded memory).
-    Returns ``b""`` at EOF; raises :class:`AgentLost` if the agent is lost first."""
+    Returns ``b""`` at EOF (the child's end closed); raises :class:`AgentLost` if the
+    agent is lost first. Once the stream is closed here (``aclose``, or the process
+    closed), a read blocked in another task raises :class:`trio.ClosedResourceError` at
+    once, and so does every later read."""
 
     def __init__(self, incoming: _Incoming) -> None:
         self._in = incoming
@@ -252,7 +278,9 @@ class RemoteReceiveStream(trio.abc.ReceiveStream):
         return await self._in.receive_into(buffer)
 
     async def aclose(self) -> None:
-        self._in.stop_reading()
+        """Read no more: the child's later writes to this stream fail with EPIPE (or
+        kill it with SIGPIPE), as with a local pipe whose reader closed it."""
+        self._in.close()
         await trio.lowlevel.checkpoint()
 
 
@@ -282,6 +310,8 @@ class RemoteFdStream(trio.abc.HalfCloseableStream):
         return await self._in.receive_into(buffer)
 
     async def aclose(self) -> None:
+        """Both directions: eof to the child, and what :meth:`RemoteReceiveStream.aclose`
+        does for reading (the child's writes to the fd fail with EPIPE)."""
         self._out.send_eof()
-        self._in.stop_reading()
+        self._in.close()
         await trio.lowlevel.checkpoint()

@@ -10,6 +10,7 @@ The normative specification is docs/protocol.md.
 
 from ._codec import HEADER_SIZE, MAX_ID, MIN_MAX_FRAME, encode, encode_data_header
 from ._connection import (
+    CAP_STOP,
     CONNECTION_CLOSED,
     DATA_FRAME_OVERHEAD,
     DEFAULT_MAX_FRAME,
@@ -43,10 +44,12 @@ from ._frames import (
     Signal,
     SignalAck,
     Started,
+    Stop,
     Window,
 )
 
 __all__ = [
+    "CAP_STOP",
     "CONNECTION_CLOSED",
     "DATA_FRAME_OVERHEAD",
     "DEFAULT_MAX_FRAME",
@@ -84,6 +87,7 @@ __all__ = [
     "Signal",
     "SignalAck",
     "Started",
+    "Stop",
     "Window",
     "ZeroCopyFrameDecoder",
     "encode",

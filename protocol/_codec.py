@@ -210,6 +210,7 @@ _FIELDS: Final[dict[str, tuple[tuple[str, str, Callable[[object], Any], bool], .
         ("max_frame", "max_frame", _uint, _R),
         ("window", "window", _uint, _R),
         ("caps", "caps", _list_of(_str), _O),
+        ("role", "role", _str, _O),
     ),
     "exec": (
         ("id", "id", _uint, _R),
@@ -243,6 +244,7 @@ _FIELDS: Final[dict[str, tuple[tuple[str, str, Callable[[object], Any], bool], .
         ("ch", "ch", _uint, _R),
         ("n", "n", _uint, _R),
     ),
+    "stop": (("id", "id", _uint, _R), ("ch", "ch", _uint, _R)),
     "signal": (("id", "id", _uint, _R), ("sig", "sig", _str, _R)),
     "signal_ack": (
         ("id", "id", _uint, _R),
@@ -347,6 +349,8 @@ def _clip(text: str) -> str:
 
 #: The smallest ``max_frame`` a hello may announce: room for any control frame.
 MIN_MAX_FRAME: Final = 65536
+#: The ``role`` values a hello may carry.
+ROLES: Final = ("agent", "controller")
 
 
 def check_frame(frame: Frame) -> None:
@@ -371,6 +375,11 @@ def check_frame(frame: Frame) -> None:
             )
         if frame.window == 0:
             raise FrameInvalid(ErrorKind.HANDSHAKE, "hello frame: window must be > 0")
+        if frame.role is not None and frame.role not in ROLES:
+            raise FrameInvalid(
+                ErrorKind.HANDSHAKE,
+                f"hello frame: role must be 'agent' or 'controller', not {_clip(frame.role)}",
+            )
     elif isinstance(frame, Config):
         for name, patterns in (("env_keep", frame.env_keep), ("env_remove", frame.env_remove)):
             for pattern in patterns or ():

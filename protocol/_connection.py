@@ -42,10 +42,12 @@ from ._frames import (
     Signal,
     SignalAck,
     Started,
+    Stop,
     Window,
 )
 
 __all__ = [
+    "CAP_STOP",
     "CONNECTION_CLOSED",
     "DATA_FRAME_OVERHEAD",
     "DEFAULT_MAX_FRAME",
@@ -64,6 +66,8 @@ DEFAULT_MAX_FRAME: Final = 4 << 20
 DEFAULT_WINDOW: Final = 1 << 20
 #: Upper bound of a data frame's bytes beyond its payload (prefix, map, keys, ids).
 DATA_FRAME_OVERHEAD: Final = 64
+#: The hello capability of an agent that understands ``stop`` frames.
+CAP_STOP: Final = "stop"
 # Credit beyond this is a peer bug (and would overflow the peer's counters).
 _MAX_CREDIT: Final = 2**62
 
@@ -92,7 +96,7 @@ CONNECTION_CLOSED: Final = ConnectionClosed()
 
 _CONTROL_BOTH: Final = (Hello, Data, Eof, Window, Error, Ping, Pong)
 _SENT_BY: Final[dict[Role, tuple[type[Frame], ...]]] = {
-    Role.CONTROLLER: (*_CONTROL_BOTH, Exec, Signal, Close, Config, Shutdown),
+    Role.CONTROLLER: (*_CONTROL_BOTH, Exec, Signal, Stop, Close, Config, Shutdown),
     Role.AGENT: (*_CONTROL_BOTH, Started, SignalAck, Exit, Log, Closed, Goodbye),
 }
 
@@ -110,6 +114,7 @@ class _Child:
         "send_open",
         "sent",
         "started",
+        "stopped",
     )
 
     def __init__(
@@ -124,6 +129,9 @@ class _Child:
         self.received = dict.fromkeys(recv_channels, 0)
         self.started = False
         self.exited = False
+        # Agent → controller channels the controller has sent stop for (section 5 of the
+        # spec): the agent sends no more data on them, only their eof.
+        self.stopped: set[int] = set()
         # Controller: we sent close. Agent: we received close. Either way the child's data,
         # eof and window frames are no longer wanted in either direction.
         self.closing = False
@@ -160,6 +168,7 @@ class Connection:
             max_frame=max_frame_size,
             window=window,
             caps=caps,
+            role=role.value,
         )
         try:
             check_frame(self.our_hello)
@@ -329,6 +338,16 @@ class Connection:
                     ref="hello",
                     fatal=True,
                 )
+            if frame.role is not None and frame.role != self.peer_role:
+                # Our own role: nothing but an echo of our hello says that.
+                raise RemoteProtocolError(
+                    ErrorKind.HANDSHAKE,
+                    f"hello frame: the peer's hello says role {frame.role!r}, this side's "
+                    f"own: the {self.peer_role} command echoed our frames back (is it "
+                    f"`cat`?)",
+                    ref="hello",
+                    fatal=True,
+                )
             self.their_hello = frame
             return True
         if self.goodbye and self.role is Role.CONTROLLER:
@@ -351,6 +370,8 @@ class Connection:
             return self._accept_eof(frame)
         if isinstance(frame, Window):
             return self._accept_window(frame)
+        if isinstance(frame, Stop):
+            return self._accept_stop(frame)
         if isinstance(frame, Exec):
             self._accept_exec(frame)
         elif isinstance(frame, (Signal, SignalAck, Started, Exit, Close, Closed)):
@@ -475,6 +496,8 @@ class Connection:
             )
         if child.closing or frame.ch not in child.send_open:
             return False  # credit for a channel we already finished: harmless race
+        if self.role is Role.AGENT and frame.ch in child.stopped:
+            return False  # and for one that will carry nothing but its eof
         credit = child.send_credit[frame.ch] + frame.n
         if credit > _MAX_CREDIT:
             raise RemoteProtocolError(
@@ -486,6 +509,34 @@ class Connection:
             )
         child.send_credit[frame.ch] = credit
         return True
+
+    def _accept_stop(self, frame: Stop) -> bool:
+        child = self._remote_child(frame, frame.id)
+        if child.closing:
+            raise RemoteProtocolError(
+                ErrorKind.CHANNEL_CLOSED,
+                f"stop frame: child {frame.id} was closed",
+                id=frame.id,
+                ref="stop",
+            )
+        if frame.ch not in child.sent:
+            raise RemoteProtocolError(
+                ErrorKind.BAD_CHANNEL,
+                f"stop frame: child {frame.id} has no channel {frame.ch} in the agent's "
+                f"direction",
+                id=frame.id,
+                ref="stop",
+            )
+        if frame.ch in child.stopped:
+            raise RemoteProtocolError(
+                ErrorKind.BAD_FRAME,
+                f"stop frame: channel {frame.ch} of child {frame.id} was already stopped",
+                id=frame.id,
+                ref="stop",
+            )
+        child.stopped.add(frame.ch)
+        # After our eof the two crossed: the channel is over already.
+        return frame.ch in child.send_open
 
     def _accept_child_control(
         self, frame: Signal | SignalAck | Started | Exit | Close | Closed
@@ -572,12 +623,17 @@ class Connection:
                 )
             if frame.ch not in child.recv_open:
                 return b""  # the peer has sent its eof; credit is pointless
+            if self.role is Role.CONTROLLER and frame.ch in child.stopped:
+                return b""  # the agent sends nothing more on it but its eof
             if child.recv_credit[frame.ch] + frame.n > _MAX_CREDIT:
                 raise LocalProtocolError(
                     ErrorKind.BAD_FRAME, "window would exceed 2**62 bytes", id=frame.id,
                     ref="window",
                 )
             child.recv_credit[frame.ch] += frame.n
+        elif isinstance(frame, Stop):
+            if not self._send_stop(frame):
+                return b""
         elif isinstance(frame, Exec):
             self._send_exec(frame)
         elif isinstance(frame, (Signal, SignalAck, Started, Exit, Close, Closed)):
@@ -636,6 +692,13 @@ class Connection:
                 ErrorKind.CHANNEL_CLOSED, f"child {id} is closed", id=id, ref="data"
             )
         self._check_send_channel(child, id, ch, "data")
+        if self.role is Role.AGENT and ch in child.stopped:
+            raise LocalProtocolError(
+                ErrorKind.CHANNEL_CLOSED,
+                f"channel {ch} of child {id} was stopped by the controller: send its eof",
+                id=id,
+                ref="data",
+            )
         if size > child.send_credit[ch]:
             raise LocalProtocolError(
                 ErrorKind.CREDIT_EXCEEDED,
@@ -723,6 +786,36 @@ class Connection:
             send_window=self.their_hello.window,
             recv_window=self.our_hello.window,
         )
+
+    def _send_stop(self, frame: Stop) -> bool:
+        """Record a stop we send; False when it is pointless (the eof has arrived)."""
+        child = self._child(frame.id)
+        if child.closing:
+            raise LocalProtocolError(
+                ErrorKind.CHANNEL_CLOSED, f"stop frame: child {frame.id} is closed",
+                id=frame.id, ref="stop",
+            )
+        assert self.their_hello is not None  # there are children
+        if CAP_STOP not in self.their_hello.caps:
+            raise LocalProtocolError(
+                ErrorKind.BAD_FRAME,
+                f"stop frame: the agent does not announce the {CAP_STOP!r} capability",
+                id=frame.id, ref="stop",
+            )
+        if frame.ch not in child.received:
+            raise LocalProtocolError(
+                ErrorKind.BAD_CHANNEL,
+                f"stop frame: child {frame.id} has no channel {frame.ch} to receive on",
+                id=frame.id, ref="stop",
+            )
+        if frame.ch in child.stopped:
+            raise LocalProtocolError(
+                ErrorKind.BAD_FRAME,
+                f"stop frame: channel {frame.ch} of child {frame.id} was already stopped",
+                id=frame.id, ref="stop",
+            )
+        child.stopped.add(frame.ch)
+        return frame.ch in child.recv_open
 
     def _send_child_control(
         self, frame: Signal | SignalAck | Started | Exit | Close | Closed

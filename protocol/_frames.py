@@ -31,6 +31,7 @@ __all__ = [
     "Signal",
     "SignalAck",
     "Started",
+    "Stop",
     "Window",
 ]
 
@@ -61,6 +62,8 @@ class Hello(Frame):
     max_frame: int
     window: int
     caps: tuple[str, ...] = ()
+    #: "agent" or "controller"; None when the peer does not say (accepted).
+    role: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +138,18 @@ class Window(Frame):
     id: int
     ch: int
     n: int
+
+
+@dataclass(frozen=True, slots=True)
+class Stop(Frame):
+    """Controller → agent: the controller reads no more of output channel ``ch``.
+
+    The agent closes its read end (the child's writes fail with EPIPE), sends nothing
+    more on the channel and ends it with its eof."""
+
+    TYPE: ClassVar[str] = "stop"
+    id: int
+    ch: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,6 +276,6 @@ FRAME_TYPES: dict[str, type[Frame]] = {
     cls.TYPE: cls
     for cls in (
         Hello, Exec, Started, Data, Eof, Window, Signal, SignalAck, Exit, Error, Log,
-        Close, Closed, Config, Shutdown, Goodbye, Ping, Pong,
+        Close, Closed, Config, Shutdown, Goodbye, Ping, Pong, Stop,
     )
 }

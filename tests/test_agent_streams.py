@@ -17,7 +17,7 @@ import trio
 from agent_harness import Kid, Raw, gone, group_any, inproc, spawned, stat_fields, wait_all_gone
 from conftest import rss_bytes, wait_until
 
-from protocol import DEFAULT_WINDOW
+from protocol import DEFAULT_WINDOW, Stop
 
 # ---------------------------------------------------------------------------- basics
 
@@ -69,6 +69,85 @@ async def test_extra_fd_channels_carry_data_both_ways_with_half_close() -> None:
         assert kid.output(1) == b"out\n"
         assert kid.eof == {1: 4, 2: 0, 3: 5, 4: len(payload)}
         assert kid.exit is not None and kid.exit.code == 0
+
+
+# ---------------------------------------------------------------------------- stop
+
+# A writer that ignores SIGPIPE, as every Python program does: it learns that its
+# reader is gone only from EPIPE, and exits 3 then.
+_WRITE_UNTIL_EPIPE = (
+    "import os, sys\n"
+    "fd = int(sys.argv[1])\n"
+    "try:\n"
+    "    while True: os.write(fd, b'x' * 4096)\n"
+    "except BrokenPipeError:\n"
+    "    sys.exit(3)\n"
+)
+
+
+@pytest.mark.parametrize("ch", [1, 2, 3])
+async def test_stop_makes_the_childs_writes_fail_with_epipe(ch: int) -> None:
+    async with inproc() as (raw, _):
+        kid = raw.exec([sys.executable, "-c", _WRITE_UNTIL_EPIPE, str(ch)], fds=(3,))
+        await raw.wait(lambda: kid.count.get(ch, 0) > 0, what="some output")
+        raw.send(Stop(kid.id, ch))
+        # the channel ends with its eof, which counts every byte sent (the frames that
+        # were on their way when the stop arrived included)
+        exit_ = await raw.finished(kid, chans=(1, 2, 3))
+        assert exit_.code == 3
+        assert kid.eof[ch] == kid.count[ch]
+        assert kid.errors == []
+
+
+async def test_stop_of_an_extra_fd_leaves_its_other_direction_working() -> None:
+    # The agent's end of the socket is shut down for reading only.
+    script = ("import os, sys\n"
+              "try:\n"
+              "    while True: os.write(3, b'x' * 4096)\n"
+              "except BrokenPipeError:\n"
+              "    pass\n"
+              "sys.stdout.buffer.write(os.read(3, 100))\n")
+    async with inproc() as (raw, _):
+        kid = raw.exec([sys.executable, "-c", script], fds=(3,))
+        await raw.wait(lambda: kid.count.get(3, 0) > 0, what="output on fd 3")
+        raw.send(Stop(kid.id, 3))
+        await raw.write(kid.id, 3, b"still heard")
+        exit_ = await raw.finished(kid, chans=(1, 2, 3))
+        assert (exit_.code, kid.output(1)) == (0, b"still heard")
+        assert kid.eof[3] == kid.count[3]
+
+
+async def test_a_stopped_channel_does_not_hold_the_exit_back() -> None:
+    # No credit granted: the child's pipe is full and the exit would wait for output
+    # nobody reads. The stop ends that: the writer gets EPIPE, and its exit comes. Over a
+    # pipe, bulk output is spliced: a splice may be under way when the stop arrives.
+    async with spawned("--grace", "2") as agent:
+        raw = agent.raw
+        kid = raw.exec(["sh", "-c", "trap '' PIPE; cat /dev/zero; exit 9"], hold=True)
+        await raw.wait(lambda: kid.count.get(1, 0) >= DEFAULT_WINDOW, what="a full window")
+        raw.send(Stop(kid.id, 1))
+        exit_ = await raw.finished(kid)
+        assert exit_.code == 9
+        assert kid.eof[1] == kid.count[1] == DEFAULT_WINDOW
+        assert b"Broken pipe" in kid.output(2)
+
+
+async def test_stop_after_the_exit_ends_a_background_writer() -> None:
+    # The exit does not wait for a background process holding the pipe; a stop then
+    # makes that one's writes fail too.
+    async with inproc() as (raw, _):
+        kid = raw.exec([sys.executable, "-c",
+                        "import subprocess, sys\n"
+                        f"subprocess.Popen([sys.executable, '-c', {_WRITE_UNTIL_EPIPE!r}, '1'])"
+                        ])
+        exit_ = await raw.exited(kid)
+        assert exit_.code == 0
+        await raw.wait(lambda: kid.count.get(1, 0) > 0, what="the background output")
+        raw.send(Stop(kid.id, 1))
+        await raw.wait(lambda: 1 in kid.eof, what="the eof of stdout")
+        assert kid.eof[1] == kid.count[1]
+        raw.close(kid.id)
+        await raw.closed(kid)
 
 
 # ---------------------------------------------------------------------------- scale

@@ -151,6 +151,55 @@ async def test_closed_reader_gets_the_child_a_sigpipe() -> None:
             assert await proc.wait() == 128 + signal.SIGPIPE
 
 
+async def test_a_python_writer_whose_reader_left_ends_as_locally() -> None:
+    # Python ignores SIGPIPE: it has to get EPIPE (BrokenPipeError, exit 1) as it would
+    # writing into `| head -1` here. It used to run for ever: its output was read and
+    # discarded.
+    script = "import sys\nwhile True: sys.stdout.write('line\\n')"
+    with trio.fail_after(10):
+        async with spawned([*EXEC, *python_child(script)], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE) as proc:
+            assert proc.stdout is not None and proc.stderr is not None
+            assert (await proc.stdout.receive_some(5)) == b"line\n"
+            await proc.stdout.aclose()
+            assert await proc.wait() == 1
+            err = bytearray()
+            while chunk := await proc.stderr.receive_some():
+                err += chunk
+            assert b"BrokenPipeError" in err
+
+
+@pytest.mark.parametrize("where", ["stdout", "stderr", "extra fd"])
+async def test_a_sigpipe_ignoring_writer_whose_reader_left_gets_epipe(where: str) -> None:
+    # `sh -c 'trap "" PIPE; yes; exit 9' | head -1`: yes gets EPIPE and stops, sh exits
+    # 9, and so does mproxy-exec; on stdout, stderr and an --fd output alike. (The PIPE
+    # signal sent to the child's group instead used to go unheeded: yes ran for ever.)
+    reader, writer = os.pipe()
+    fd = {"stdout": 1, "stderr": 2, "extra fd": writer}[where]
+    extra = ["--fd", str(fd)] if where == "extra fd" else []
+    streams: dict[str, Any] = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL,
+                               "stderr": subprocess.DEVNULL}
+    if where == "extra fd":
+        streams["pass_fds"] = (writer,)
+    else:
+        streams[where] = writer
+    # (dash takes no fd above 9 in a redirection: yes is given its stdout by python)
+    yes = (f"yes >&{fd}" if fd < 3 else f"{sys.executable} -c 'import os; os.dup2({fd}, 1); "
+           "os.execvp(\"yes\", [\"yes\"])'")
+    try:
+        with trio.fail_after(10):
+            async with spawned([*EXEC, *extra, "--", "sh", "-c", f"trap '' PIPE; {yes}; exit 9"],
+                               **streams) as proc:
+                os.close(writer)
+                async with trio.lowlevel.FdStream(reader) as ours:
+                    assert (await ours.receive_some(2)) == b"y\n"
+                assert await proc.wait() == 9
+    finally:
+        for each in (reader, writer):
+            with contextlib.suppress(OSError):
+                os.close(each)
+
+
 def test_failed_write_to_our_stdout_is_reported() -> None:
     with open("/dev/full", "wb") as full:
         done = subprocess.run([*EXEC, "--", "echo", "hi"], stdout=full, stderr=subprocess.PIPE,
@@ -352,6 +401,19 @@ def test_agent_failure_is_255(agent: str) -> None:
     assert done.returncode == 255
     assert done.stdout == b""
     assert done.stderr.startswith(b"mproxy-exec: ")
+
+
+def test_an_agent_command_that_echoes_is_255_at_once() -> None:
+    started = time.monotonic()
+    done = run_exec("--agent", "cat", "--", "true", timeout=5)
+    assert time.monotonic() - started < 3
+    assert (done.returncode, done.stdout) == (255, b"")
+    (line,) = done.stderr.splitlines()
+    assert line.startswith(
+        b"mproxy-exec: agent failed: the agent broke the protocol: hello frame: the peer's "
+        b"hello says role 'controller', this side's own: the agent command echoed our "
+        b"frames back (is it `cat`?)"
+    ), line
 
 
 @pytest.mark.parametrize("args", [

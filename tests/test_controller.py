@@ -717,6 +717,16 @@ async def test_no_hello_within_the_handshake_timeout_is_agent_lost() -> None:
             pass
 
 
+async def test_an_agent_command_that_echoes_is_agent_lost_at_once() -> None:
+    # `cat` sends our own hello back: refused as a hello of the wrong role, not taken for
+    # an agent whose first request fails after a timeout.
+    with trio.fail_after(5), pytest.raises(
+        controller.AgentLost, match=r"says role 'controller'.*\(is it `cat`\?\)"
+    ):
+        async with controller.open_agent(["cat"], shutdown_timeout=5):
+            raise AssertionError("connected to cat")
+
+
 async def test_connect_to_something_not_a_stream_is_a_type_error() -> None:
     with trio.fail_after(10), pytest.raises(TypeError, match="got bytes and NoneType"):
         async with controller.connect(b"not a stream"):  # type: ignore[arg-type]
@@ -778,6 +788,171 @@ async def test_leaving_a_process_fails_the_sends_waiting_for_credit(
             await proc.aclose()
             with trio.fail_after(5):
                 await wait_until(lambda: bool(failed), what="the send to fail")
+
+
+async def _read_once(stream: controller.RemoteReceiveStream | controller.RemoteFdStream,
+                     how: str) -> bytes:
+    if how == "receive_some":
+        return await stream.receive_some()
+    buffer = bytearray(64)
+    return bytes(buffer[: await stream.receive_into(buffer)])
+
+
+def _readers_waiting(proc: controller.RemoteProcess, ch: int) -> int:
+    return proc._outputs[ch]._lot.statistics().tasks_waiting
+
+
+@pytest.mark.parametrize("how", ["receive_some", "receive_into"])
+@pytest.mark.parametrize("ch", [1, 2, 3])
+async def test_closing_a_stream_wakes_its_reader_with_closed_resource_error(
+        any_agent: controller.Agent, how: str, ch: int) -> None:
+    # As with trio's own streams: aclose() in one task ends the read blocked in another
+    # at once, and every later read raises too (it used to return b"", like an EOF).
+    with trio.fail_after(10):
+        async with await any_agent.open_process(["sleep", "30"], extra_fds=[3]) as proc:
+            stream: controller.RemoteReceiveStream | controller.RemoteFdStream = (
+                proc.fds[3] if ch == 3 else proc.stdout if ch == 1 else proc.stderr)
+            woken: list[bool] = []
+
+            async def read() -> None:
+                with pytest.raises(trio.ClosedResourceError):
+                    await _read_once(stream, how)
+                woken.append(True)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read)
+                await wait_until(lambda: _readers_waiting(proc, ch) == 1,
+                                 what="the read to block")
+                await stream.aclose()
+                with trio.fail_after(2):
+                    await wait_until(lambda: bool(woken), what="the reader to wake")
+            for _ in range(2):
+                with pytest.raises(trio.ClosedResourceError):
+                    await _read_once(stream, how)
+            assert proc.returncode is None  # the child goes on
+
+
+async def test_eof_from_the_child_is_still_empty_bytes_then_close_raises(
+        any_agent: controller.Agent) -> None:
+    with trio.fail_after(10):
+        async with await any_agent.open_process(["echo", "hi"]) as proc:
+            assert await read_all(proc.stdout) == b"hi\n"
+            assert await proc.stdout.receive_some() == b""  # EOF again, not an error
+            assert await proc.wait() == 0
+        with pytest.raises(trio.ClosedResourceError):
+            await proc.stdout.receive_some()
+        with pytest.raises(trio.ClosedResourceError):
+            await proc.stderr.receive_into(bytearray(8))
+
+
+async def test_closing_stdin_fails_a_send_waiting_for_credit(
+        any_agent: controller.Agent) -> None:
+    with trio.fail_after(20):
+        async with await any_agent.open_process(["sleep", "30"]) as proc:
+            failed: list[bool] = []
+
+            async def feed() -> None:
+                with pytest.raises(trio.ClosedResourceError):
+                    await proc.stdin.send_all(b"x" * (8 << 20))  # > the window and the pipe
+                failed.append(True)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(feed)
+                await wait_until(lambda: proc.credit_lot.statistics().tasks_waiting == 1,
+                                 what="the send to wait for credit")
+                await proc.stdin.aclose()
+                with trio.fail_after(2):
+                    await wait_until(lambda: bool(failed), what="the send to fail")
+            with pytest.raises(trio.ClosedResourceError):
+                await proc.stdin.send_all(b"late")
+            assert proc.returncode is None
+
+
+async def _close_with_a_reader_outside(agent_: controller.Agent, how: str
+                                       ) -> list[bytes | type[BaseException]]:
+    """What a read blocked in an outer nursery gets when its process is closed."""
+    outcome: list[bytes | type[BaseException]] = []
+
+    async def read(stream: controller.RemoteReceiveStream) -> None:
+        try:
+            outcome.append(await stream.receive_some())
+        except trio.ClosedResourceError:
+            outcome.append(trio.ClosedResourceError)
+
+    async with trio.open_nursery() as nursery:
+        proc = await agent_.open_process(["sh", "-c", "echo started; sleep 1000"])
+        async with contextlib.AsyncExitStack() as stack:
+            if how == "async-with":
+                await stack.enter_async_context(proc)
+            assert await read_until(proc.stdout, b"\n") == b"started\n"
+            nursery.start_soon(read, proc.stdout)
+            await wait_until(lambda: _readers_waiting(proc, 1) == 1, what="the read to block")
+            if how == "aclose":
+                await proc.aclose()
+        with trio.fail_after(2):
+            await wait_until(lambda: bool(outcome), what="the reader to wake")
+    with pytest.raises(trio.ClosedResourceError):
+        await proc.stdout.receive_some()
+    return outcome
+
+
+@pytest.mark.parametrize("how", ["aclose", "async-with"])
+async def test_closing_a_process_wakes_a_reader_in_an_outer_nursery(
+        any_agent: controller.Agent, how: str) -> None:
+    # The reader used to hang whenever the close overtook the stdout eof (8 runs in 20):
+    # the agent drops what follows a close. Now it ends, with the EOF when that came
+    # first, else ClosedResourceError.
+    for _ in range(10):
+        with trio.fail_after(10):
+            outcome = await _close_with_a_reader_outside(any_agent, how)
+        assert outcome in ([b""], [trio.ClosedResourceError])
+
+
+# A writer that ignores SIGPIPE, as every Python program does: it learns that its
+# reader is gone only from the write error, and exits 3 then. (An extra fd is a socket:
+# closed both ways, as aclose() does, it may answer ECONNRESET rather than EPIPE.)
+_WRITE_UNTIL_EPIPE = (
+    "import os, sys\n"
+    "fd = int(sys.argv[1])\n"
+    "try:\n"
+    "    while True: os.write(fd, b'x' * 4096)\n"
+    "except (BrokenPipeError, ConnectionResetError):\n"
+    "    sys.exit(3)\n"
+)
+
+
+@pytest.mark.parametrize("ch", [1, 2, 3])
+async def test_closing_an_output_stream_makes_the_childs_writes_fail_with_epipe(
+        any_agent: controller.Agent, ch: int) -> None:
+    # As with a local pipe whose reader is gone (it used to run for ever: the output
+    # was read and discarded).
+    with trio.fail_after(10):
+        async with await any_agent.open_process(
+                [sys.executable, "-c", _WRITE_UNTIL_EPIPE, str(ch)], extra_fds=[3]) as proc:
+            stream = proc.fds[3] if ch == 3 else proc.stdout if ch == 1 else proc.stderr
+            assert await stream.receive_some(1)
+            await stream.aclose()
+            assert await proc.wait() == 3
+
+
+async def test_closing_an_output_stream_of_an_agent_without_stop_discards_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # An agent that predates the stop frame does not announce it: nothing is sent that
+    # it would refuse; what the child writes is discarded, as before, until it ends.
+    monkeypatch.setattr("agent._agent.CAP_STOP", "not-stop")
+    agent_side, controller_side = trio.testing.memory_stream_pair()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(agent.serve, agent.StreamTransport(agent_side, agent_side))
+            async with controller.connect(controller_side) as remote:
+                assert "stop" not in remote.info.caps
+                async with await remote.open_process(
+                        ["sh", "-c", "head -c 3000000 /dev/zero; echo done >&2"]) as proc:
+                    assert await proc.stdout.receive_some(1)
+                    await proc.stdout.aclose()
+                    assert await read_all(proc.stderr) == b"done\n"
+                    assert await proc.wait() == 0
+                assert proc.errors == []
 
 
 async def test_closing_a_process_drops_its_queued_input(

@@ -43,6 +43,7 @@ from protocol import (
     Signal,
     SignalAck,
     Started,
+    Stop,
     Window,
     encode,
     encode_data_header,
@@ -125,6 +126,7 @@ STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
         max_frame=st.integers(MIN_MAX_FRAME, MAX_ID),
         window=st.integers(1, MAX_ID),
         caps=tuples(texts),
+        role=st.sampled_from([None, "agent", "controller"]),
     ),
     "exec": st.builds(
         Exec,
@@ -146,6 +148,7 @@ STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
     ),
     "eof": st.builds(Eof, id=ids, ch=uints, n=st.none() | uints),
     "window": st.builds(Window, id=ids, ch=uints, n=st.integers(1, MAX_ID)),
+    "stop": st.builds(Stop, id=ids, ch=uints),
     "signal": st.builds(Signal, id=ids, sig=signal_names),
     "signal_ack": st.builds(SignalAck, id=ids, sig=texts, errno=st.none() | texts),
     "exit": st.builds(
@@ -171,7 +174,7 @@ any_frame: st.SearchStrategy[Frame] = st.one_of(*STRATEGIES.values())
 
 def test_strategies_cover_every_frame_type() -> None:
     assert STRATEGIES.keys() == FRAME_TYPES.keys()
-    assert len(FRAME_TYPES) == 18
+    assert len(FRAME_TYPES) == 19
 
 
 # ----------------------------------------------------------------------------- round trips
@@ -545,6 +548,12 @@ def hello_body(**fields: Any) -> dict[str, Any]:
          "protocol version 2"),
         ({"version": "1"}, ErrorKind.BAD_FRAME,
          "hello frame: field 'version' must be an unsigned integer below 2**64, not str '1'"),
+        ({"role": "server"}, ErrorKind.HANDSHAKE,
+         "hello frame: role must be 'agent' or 'controller', not 'server'"),
+        ({"role": ""}, ErrorKind.HANDSHAKE,
+         "hello frame: role must be 'agent' or 'controller', not ''"),
+        ({"role": 1}, ErrorKind.BAD_FRAME,
+         "hello frame: field 'role' must be a string, not int 1"),
     ],
 )
 def test_hello_content_rules(fields: dict[str, Any], kind: ErrorKind, fragment: str) -> None:
@@ -552,6 +561,23 @@ def test_hello_content_rules(fields: dict[str, Any], kind: ErrorKind, fragment: 
     assert exc.kind is kind
     assert fragment in exc.message
     assert exc.ref == "hello"
+
+
+@pytest.mark.parametrize("role", [None, "agent", "controller"])
+def test_hello_role_is_optional(role: str | None) -> None:
+    fields = {} if role is None else {"role": role}
+    frame = decode_one(wire(hello_body(**fields)))
+    assert isinstance(frame, Hello)
+    assert frame.role == role
+
+
+def test_stop_wire_form() -> None:
+    raw = encode(Stop(id=3, ch=2))
+    assert msgpack.unpackb(raw[4:]) == {"t": "stop", "id": 3, "ch": 2}
+    assert decode_one(raw) == Stop(id=3, ch=2)
+    exc = decode_error(wire({"t": "stop", "id": 3}))
+    assert (exc.kind, exc.id, exc.ref) == (ErrorKind.BAD_FRAME, 3, "stop")
+    assert exc.message == "stop frame: missing field 'ch'"
 
 
 def test_config_content_rules() -> None:

@@ -48,6 +48,7 @@ from protocol import (
     Signal,
     SignalAck,
     Started,
+    Stop,
     Window,
     encode,
 )
@@ -85,9 +86,10 @@ def deliver(conn: Connection, data: bytes) -> list[Frame]:
 def pair(
     agent_window: int = AGENT_WINDOW, controller_window: int = CONTROLLER_WINDOW,
     agent_max_frame: int = DEFAULT_MAX_FRAME, controller_max_frame: int = DEFAULT_MAX_FRAME,
+    agent_caps: tuple[str, ...] = (),
 ) -> tuple[Connection, Connection]:
     agent = Connection(Role.AGENT, window=agent_window, max_frame_size=agent_max_frame,
-                       impl="agent", impl_version="a1")
+                       impl="agent", impl_version="a1", caps=agent_caps)
     ctrl = Connection(Role.CONTROLLER, window=controller_window,
                       max_frame_size=controller_max_frame, impl="ctrl", impl_version="c1")
     (a_hello,) = deliver(ctrl, agent.initiate())
@@ -171,7 +173,8 @@ def test_handshake_agent_speaks_first() -> None:
 def test_hello_defaults() -> None:
     conn = Connection(Role.AGENT)
     assert conn.our_hello == Hello(
-        version=1, impl="mproxy", impl_version="0", max_frame=4 << 20, window=1 << 20
+        version=1, impl="mproxy", impl_version="0", max_frame=4 << 20, window=1 << 20,
+        role="agent",
     )
     assert DEFAULT_MAX_FRAME == 4 << 20
     assert MIN_MAX_FRAME == 64 << 10
@@ -300,6 +303,52 @@ def test_receivers_own_limit_applies_before_the_peer_hello() -> None:
 
 
 @pytest.mark.parametrize("role", list(Role))
+def test_hello_announces_the_role(role: Role) -> None:
+    conn = Connection(role)
+    assert conn.our_hello.role == role.value
+    assert decode(conn.initiate()) == conn.our_hello
+
+
+@pytest.mark.parametrize("role", list(Role))
+def test_a_hello_of_our_own_role_is_fatal(role: Role) -> None:
+    # what an echoing peer (`cat`) sends back: our own hello
+    conn = Connection(role)
+    raw = conn.initiate()
+    exc = remote_error(conn, raw + encode(Ping(n=1)), fatal=True)
+    peer = "controller" if role is Role.AGENT else "agent"
+    assert (exc.kind, exc.ref) == (ErrorKind.HANDSHAKE, "hello")
+    assert exc.message == (
+        f"hello frame: the peer's hello says role '{role}', this side's own: the {peer} "
+        f"command echoed our frames back (is it `cat`?)"
+    )
+    assert conn.their_hello is None
+    with pytest.raises(RemoteProtocolError) as again:
+        conn.next_event()
+    assert again.value is exc
+
+
+@pytest.mark.parametrize("role", list(Role))
+@pytest.mark.parametrize("peer_role", [None, "peer"])
+def test_a_hello_of_the_peers_role_or_none_is_accepted(role: Role, peer_role: str | None
+                                                       ) -> None:
+    conn = Connection(role)
+    conn.initiate()
+    their_role = None if peer_role is None else conn.peer_role.value
+    (frame,) = deliver(conn, encode(hello(role=their_role)))
+    assert conn.their_hello == frame
+    assert frame.role == their_role
+
+
+def test_an_unknown_role_is_a_bad_first_frame() -> None:
+    conn = Connection(Role.CONTROLLER)
+    exc = remote_error(conn, encode(hello(role="server")), fatal=True)
+    assert exc.kind is ErrorKind.HANDSHAKE
+    assert exc.message == (
+        "bad first frame: hello frame: role must be 'agent' or 'controller', not 'server'"
+    )
+
+
+@pytest.mark.parametrize("role", list(Role))
 def test_second_hello(role: Role) -> None:
     conn = handshaken(role)
     exc = remote_error(conn, encode(hello()))
@@ -338,7 +387,7 @@ def test_agent_frames_sent_by_the_controller(frame: Frame, id: int | None) -> No
 @pytest.mark.parametrize(
     ("frame", "id"),
     [(Exec(id=1, argv=(b"x",)), 1), (Signal(id=1, sig="TERM"), 1), (Close(id=1), 1),
-     (Config(env_keep=("A",)), None), (Shutdown(), None)],
+     (Config(env_keep=("A",)), None), (Shutdown(), None), (Stop(id=1, ch=1), 1)],
 )
 def test_controller_frames_sent_by_the_agent(frame: Frame, id: int | None) -> None:
     ctrl = handshaken(Role.CONTROLLER)
@@ -382,7 +431,7 @@ def test_wrong_field_types(role: Role, body: dict[str, Any], fragment: str,
 @pytest.mark.parametrize(
     "frame",
     [Data(id=9, ch=0, data=b"x"), Eof(id=9, ch=0), Window(id=9, ch=1, n=5),
-     Signal(id=9, sig="INT"), Close(id=9)],
+     Signal(id=9, sig="INT"), Close(id=9), Stop(id=9, ch=1)],
 )
 def test_unknown_child_at_the_agent(frame: Frame) -> None:
     agent, ctrl = pair()
@@ -631,6 +680,144 @@ def test_window_after_eof_is_harmless() -> None:
     assert deliver(ctrl, encode(Window(id=1, ch=0, n=5))) == []
     # nor does anyone grant credit for a channel whose sender has finished
     assert agent.send(Window(id=1, ch=0, n=5)) == b""
+
+
+# ----------------------------------------------------------------------------- stop
+
+
+def stop_pair() -> tuple[Connection, Connection]:
+    agent, ctrl = pair(agent_caps=("stop",))
+    spawn(agent, ctrl, fds=(3,))
+    return agent, ctrl
+
+
+def local_error(conn: Connection, frame: Frame) -> LocalProtocolError:
+    with pytest.raises(LocalProtocolError) as info:
+        conn.send(frame)
+    return info.value
+
+
+def test_stop_ends_one_output_channel_with_its_eof() -> None:
+    agent, ctrl = stop_pair()
+    # sent by the agent before the stop arrives: in flight, accepted and counted
+    in_flight = agent.send_data(1, 1, b"abc") + b"abc"
+    assert deliver(agent, ctrl.send(Stop(id=1, ch=1))) == [Stop(id=1, ch=1)]
+    assert deliver(ctrl, in_flight) == [Data(id=1, ch=1, data=b"abc")]
+    # no data after the stop, only the eof, which counts every byte sent
+    with pytest.raises(LocalProtocolError) as info:
+        agent.send_data(1, 1, b"more")
+    assert (info.value.kind, info.value.id, info.value.ref) == (
+        ErrorKind.CHANNEL_CLOSED, 1, "data")
+    assert info.value.message == (
+        "channel 1 of child 1 was stopped by the controller: send its eof")
+    assert agent.bytes_sent(1, 1) == 3
+    assert deliver(ctrl, agent.send(Eof(id=1, ch=1))) == [Eof(id=1, ch=1, n=3)]
+    # the other channels go on
+    assert deliver(ctrl, agent.send_data(1, 2, b"err") + b"err") == [
+        Data(id=1, ch=2, data=b"err")]
+    assert deliver(agent, ctrl.send_data(1, 0, b"in") + b"in") == [
+        Data(id=1, ch=0, data=b"in")]
+
+
+def test_stop_of_an_extra_fd_leaves_the_other_direction_open() -> None:
+    agent, ctrl = stop_pair()
+    assert deliver(agent, ctrl.send(Stop(id=1, ch=3))) == [Stop(id=1, ch=3)]
+    assert deliver(ctrl, agent.send(Eof(id=1, ch=3))) == [Eof(id=1, ch=3, n=0)]
+    assert deliver(agent, ctrl.send_data(1, 3, b"to fd 3") + b"to fd 3") == [
+        Data(id=1, ch=3, data=b"to fd 3")]
+    assert deliver(ctrl, agent.send(Window(id=1, ch=3, n=7))) == [Window(id=1, ch=3, n=7)]
+    assert ctrl.send_credit(1, 3) == AGENT_WINDOW
+
+
+def test_no_credit_for_a_stopped_channel() -> None:
+    agent, ctrl = stop_pair()
+    deliver(ctrl, agent.send_data(1, 1, b"x" * 10) + b"x" * 10)
+    deliver(agent, ctrl.send(Stop(id=1, ch=1)))
+    # granting it is pointless: nothing but the eof comes
+    assert ctrl.send(Window(id=1, ch=1, n=10)) == b""
+    # a rogue controller's grant is dropped without a word
+    assert deliver(agent, encode(Window(id=1, ch=1, n=10))) == []
+    assert agent.send_credit(1, 1) == CONTROLLER_WINDOW - 10
+
+
+def test_stop_after_the_eof_arrived_is_not_sent() -> None:
+    agent, ctrl = stop_pair()
+    deliver(ctrl, agent.send(Eof(id=1, ch=2)))
+    assert ctrl.send(Stop(id=1, ch=2)) == b""
+    exc = local_error(ctrl, Stop(id=1, ch=2))
+    assert (exc.kind, exc.message) == (
+        ErrorKind.BAD_FRAME, "stop frame: channel 2 of child 1 was already stopped")
+
+
+def test_stop_crossing_the_agents_eof_is_dropped() -> None:
+    agent, ctrl = stop_pair()
+    eof = agent.send(Eof(id=1, ch=2))
+    assert deliver(agent, ctrl.send(Stop(id=1, ch=2))) == []
+    assert deliver(ctrl, eof) == [Eof(id=1, ch=2, n=0)]
+    # and counts as the one stop of that channel
+    exc = remote_error(agent, encode(Stop(id=1, ch=2)))
+    assert exc.kind is ErrorKind.BAD_FRAME
+
+
+@pytest.mark.parametrize(
+    ("setup", "frame", "kind", "message"),
+    [
+        ("stopped", Stop(id=1, ch=1), ErrorKind.BAD_FRAME,
+         "stop frame: channel 1 of child 1 was already stopped"),
+        ("", Stop(id=1, ch=0), ErrorKind.BAD_CHANNEL,
+         "stop frame: child 1 has no channel 0 to receive on"),
+        ("", Stop(id=1, ch=4), ErrorKind.BAD_CHANNEL,
+         "stop frame: child 1 has no channel 4 to receive on"),
+        ("closed", Stop(id=1, ch=1), ErrorKind.CHANNEL_CLOSED, "stop frame: child 1 is closed"),
+        ("", Stop(id=2, ch=1), ErrorKind.UNKNOWN_CHILD, "no child with id 2"),
+    ],
+)
+def test_stop_rules_locally(setup: str, frame: Stop, kind: ErrorKind, message: str) -> None:
+    _agent, ctrl = stop_pair()
+    if setup == "stopped":
+        ctrl.send(Stop(id=1, ch=1))
+    if setup == "closed":
+        ctrl.send(Close(id=1))
+    exc = local_error(ctrl, frame)
+    assert (exc.kind, exc.message, exc.id) == (kind, message, frame.id)
+    # nothing changed: the channel takes a stop (or, closed, takes none)
+    if not setup:
+        assert ctrl.send(Stop(id=1, ch=1)) != b""
+
+
+def test_stop_needs_the_agents_capability() -> None:
+    agent, ctrl = pair()  # an agent that does not announce "stop"
+    spawn(agent, ctrl)
+    exc = local_error(ctrl, Stop(id=1, ch=1))
+    assert (exc.kind, exc.message) == (
+        ErrorKind.BAD_FRAME, "stop frame: the agent does not announce the 'stop' capability")
+    assert ctrl.send(Window(id=1, ch=1, n=5)) != b""  # the channel was left as it was
+
+
+@pytest.mark.parametrize(
+    ("setup", "frame", "kind", "message"),
+    [
+        ("stopped", Stop(id=1, ch=1), ErrorKind.BAD_FRAME,
+         "stop frame: channel 1 of child 1 was already stopped"),
+        ("", Stop(id=1, ch=0), ErrorKind.BAD_CHANNEL,
+         "stop frame: child 1 has no channel 0 in the agent's direction"),
+        ("", Stop(id=1, ch=9), ErrorKind.BAD_CHANNEL,
+         "stop frame: child 1 has no channel 9 in the agent's direction"),
+        ("closed", Stop(id=1, ch=1), ErrorKind.CHANNEL_CLOSED, "stop frame: child 1 was closed"),
+    ],
+)
+def test_stop_rules_at_the_agent(setup: str, frame: Stop, kind: ErrorKind, message: str
+                                 ) -> None:
+    agent, ctrl = stop_pair()
+    if setup == "stopped":
+        deliver(agent, ctrl.send(Stop(id=1, ch=1)))
+    if setup == "closed":
+        deliver(agent, ctrl.send(Close(id=1)))
+    exc = remote_error(agent, encode(frame))
+    assert (exc.kind, exc.message, exc.id, exc.ref) == (kind, message, 1, "stop")
+    assert_still_works(agent)
+    if not setup:  # a rejected stop left the channel open
+        assert agent.send_data(1, 1, b"x") != b""
 
 
 def test_data_larger_than_the_peers_frame_limit() -> None:
@@ -979,6 +1166,7 @@ def test_exec_before_the_agents_hello() -> None:
         (Role.CONTROLLER, Started(id=1, pid=1)), (Role.CONTROLLER, Exit(id=1, code=0)),
         (Role.CONTROLLER, SignalAck(id=1, sig="TERM")), (Role.CONTROLLER, Closed(id=1)),
         (Role.CONTROLLER, Log(level="info", msg="x")), (Role.CONTROLLER, Goodbye()),
+        (Role.AGENT, Stop(id=1, ch=1)),
     ],
 )
 def test_wrong_role_frames_locally(role: Role, frame: Frame) -> None:
@@ -1054,14 +1242,14 @@ def test_control_frames_larger_than_the_peers_limit_are_refused() -> None:
 
 OPS = ["exec", "started", "a_data", "c_data", "a_eof", "c_eof", "a_window", "c_window",
        "signal", "ack", "exit", "close", "closed", "ping", "to_ctrl", "to_agent", "to_ctrl",
-       "to_agent", "a_data", "c_data", "exit", "close", "closed", "closed"]
+       "to_agent", "a_data", "c_data", "exit", "close", "closed", "closed", "stop"]
 
 
 @settings(deadline=None, max_examples=150, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_random_conforming_operation(data: st.DataObject) -> None:
     """Whatever a conforming side sends, in any interleaving, the other side accepts."""
-    agent, ctrl = pair(agent_window=64, controller_window=48)
+    agent, ctrl = pair(agent_window=64, controller_window=48, agent_caps=("stop",))
     to_agent: list[bytes] = []
     to_ctrl: list[bytes] = []
     # the agent's view (filled as frames arrive) and the controller's
@@ -1075,15 +1263,21 @@ def test_random_conforming_operation(data: st.DataObject) -> None:
         swallowed = (
             conn is ctrl and isinstance(frame, (Data, Eof, Window)) and frame.id in c_closing
         ) or (
-            isinstance(frame, Window) and conn.has_child(frame.id)
+            isinstance(frame, (Window, Stop)) and conn.has_child(frame.id)
             and not conn.can_send(frame.id, frame.ch)
+        ) or (
+            # credit for a channel the controller stopped: only its eof will follow
+            conn is agent and isinstance(frame, Window) and frame.id in a_kids
+            and frame.ch in a_kids[frame.id]["stopped"]
         )
         events = deliver(conn, raw)
         assert events == ([] if swallowed else [frame])
         event(f"{type(frame).__name__} {'swallowed' if swallowed else 'accepted'}")
         if conn is agent and isinstance(frame, Exec):
             a_kids[frame.id] = {"started": False, "exited": False, "close": False,
-                                "chans": sorted({1, 2, *frame.fds})}
+                                "chans": sorted({1, 2, *frame.fds}), "stopped": set()}
+        elif conn is agent and isinstance(frame, Stop):
+            a_kids[frame.id]["stopped"].add(frame.ch)
         elif conn is agent and isinstance(frame, Close):
             a_kids[frame.id]["close"] = True
         elif conn is ctrl and isinstance(frame, Closed):
@@ -1103,7 +1297,7 @@ def test_random_conforming_operation(data: st.DataObject) -> None:
                 receive(conn, queue.pop(0))
         elif op == "ping":
             to_agent.append(ctrl.send(Ping(n=1)))
-        elif op in ("c_data", "c_eof", "c_window", "signal", "close") and c_ids:
+        elif op in ("c_data", "c_eof", "c_window", "signal", "close", "stop") and c_ids:
             id = data.draw(st.sampled_from(c_ids))
             if op == "c_data":
                 chans = [ch for ch in (0, 3, 4) if ctrl.can_send(id, ch)]
@@ -1122,6 +1316,13 @@ def test_random_conforming_operation(data: st.DataObject) -> None:
                     to_agent.append(out)
             elif op == "signal":
                 to_agent.append(ctrl.send(Signal(id=id, sig="TERM")))
+            elif op == "stop":
+                chans = [ch for ch in (1, 2, 3, 4) if ch in ctrl._children[id].received
+                         and ch not in ctrl._children[id].stopped]
+                if chans:
+                    out = ctrl.send(Stop(id=id, ch=data.draw(st.sampled_from(chans))))
+                    if out:
+                        to_agent.append(out)
             else:
                 to_agent.append(ctrl.send(Close(id=id)))
                 c_closing.add(id)
@@ -1142,7 +1343,7 @@ def test_random_conforming_operation(data: st.DataObject) -> None:
                 del a_kids[id]
             elif op == "a_data":
                 ch = data.draw(st.sampled_from(kid["chans"]))
-                if agent.can_send(id, ch) or kid["close"]:
+                if (agent.can_send(id, ch) and ch not in kid["stopped"]) or kid["close"]:
                     size = data.draw(st.integers(0, agent.send_credit(id, ch)))
                     header = agent.send_data(id, ch, b"a" * size)
                     out = header + b"a" * size if header else b""

@@ -38,6 +38,7 @@ from protocol import (
     Signal,
     SignalAck,
     Started,
+    Stop,
     Window,
     ZeroCopyFrameDecoder,
     encode,
@@ -129,6 +130,7 @@ FRAMES: list[Frame] = [
     Data(id=1, ch=2, data=b"e" * 300),
     Data(id=1, ch=9, data=BIG),
     Window(id=1, ch=1, n=65536),
+    Stop(id=1, ch=2),
     Signal(id=1, sig="TERM"),
     SignalAck(id=1, sig="TERM", errno=None),
     SignalAck(id=1, sig="USR1", errno="ESRCH"),
@@ -467,7 +469,8 @@ def test_fatal_error_consumes_nothing_after_the_bad_frame(new_decoder: NewDecode
 # type -> [(key, field kind, required)], written independently of protocol._codec
 SCHEMA: dict[str, list[tuple[str, str, bool]]] = {
     "hello": [("version", "uint", True), ("impl", "str", True), ("impl_version", "str", True),
-              ("max_frame", "uint", True), ("window", "uint", True), ("caps", "strs", False)],
+              ("max_frame", "uint", True), ("window", "uint", True), ("caps", "strs", False),
+              ("role", "role", False)],
     "exec": [("id", "uint", True), ("argv", "oss", True), ("path", "os", False),
              ("env", "oss", False), ("env_set", "oss", False), ("env_unset", "oss", False),
              ("cwd", "os", False), ("fds", "uints", False), ("drop_sudo", "bool", False)],
@@ -476,6 +479,7 @@ SCHEMA: dict[str, list[tuple[str, str, bool]]] = {
     "data": [("id", "uint", True), ("ch", "uint", True), ("d", "bin", True)],
     "eof": [("id", "uint", True), ("ch", "uint", True), ("n", "uint", False)],
     "window": [("id", "uint", True), ("ch", "uint", True), ("n", "uint", True)],
+    "stop": [("id", "uint", True), ("ch", "uint", True)],
     "signal": [("id", "uint", True), ("sig", "str", True)],
     "signal_ack": [("id", "uint", True), ("sig", "str", True), ("errno", "str", False)],
     "exit": [("id", "uint", True), ("code", "int", True), ("sig", "str", False),
@@ -493,12 +497,13 @@ SCHEMA: dict[str, list[tuple[str, str, bool]]] = {
 }
 VALID_VALUE: dict[str, Any] = {
     "uint": 7, "int": -1, "str": "TERM", "bool": True, "bin": b"x", "os": b"/x",
-    "oss": [b"a=b"], "uints": [3], "strs": ["x"], "strmap": {"k": "v"},
+    "oss": [b"a=b"], "uints": [3], "strs": ["x"], "strmap": {"k": "v"}, "role": "agent",
 }
 WRONG_VALUES: dict[str, list[Any]] = {
     "uint": ["7", -1, -(2**63), 1.0, True, b"\x07", [7], {"n": 7}],
     "int": ["7", 1.5, False, b"", []],
     "str": [7, b"TERM", True, ["TERM"], 1.5],
+    "role": [7, b"agent", True, ["agent"], 1.5],
     "bool": [1, 0, "true", b"\x01", []],
     "bin": ["x", 7, [b"x"], True],
     "os": [7, True, [b"x"], 1.5, {"a": "b"}],

@@ -120,6 +120,24 @@ async def test_extra_fd_over_ssh(sshd: SshServer) -> None:
             assert await proc.wait() == 0
 
 
+async def test_a_closed_output_stream_gives_the_remote_writer_epipe(sshd: SshServer) -> None:
+    # A Python writer (it ignores SIGPIPE) exits 3 on BrokenPipeError.
+    script = ("import os, sys\n"
+              "try:\n"
+              "    while True: os.write(1, b'line\\n')\n"
+              "except BrokenPipeError:\n"
+              "    sys.exit(3)\n")
+    with trio.fail_after(60):
+        async with (
+            controller.open_agent(sshd.agent_command("--grace", str(GRACE))) as agent,
+            await agent.open_process(["python3", "-c", script]) as proc,
+        ):
+            assert await proc.stdout.receive_some(5) == b"line\n"
+            await proc.stdout.aclose()
+            with trio.fail_after(10):
+                assert await proc.wait() == 3
+
+
 async def test_signals_and_exit_statuses_over_ssh(sshd: SshServer) -> None:
     handler = (
         "import os, signal\n"
