@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import logging
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Set as AbstractSet
 from contextlib import asynccontextmanager
-from typing import Final
+from typing import Final, Protocol
 
 import trio
 
@@ -25,11 +27,13 @@ from protocol import (
     Data,
     Eof,
     Error,
+    ErrorKind,
     Exec,
     Exit,
     Frame,
     Goodbye,
     Hello,
+    LocalProtocolError,
     Log,
     Ping,
     Pong,
@@ -62,8 +66,16 @@ _LOG_LEVELS: Final = {"debug": logging.DEBUG, "info": logging.INFO,
 StrOrBytes = str | bytes
 
 
-def _os_bytes(value: StrOrBytes | os.PathLike[str]) -> bytes:
-    return os.fsencode(value)
+class EnvMapping(Protocol):
+    """What ``env`` and ``env_overrides`` take: a mapping (a dict, ``os.environ``, ...)
+    of str or bytes names to str or bytes values. Not ``Mapping[str | bytes, ...]``: a
+    Mapping's key type is invariant, so ``dict[str, str]`` would not be one."""
+
+    def items(self) -> AbstractSet[tuple[StrOrBytes, StrOrBytes]]: ...
+
+
+#: The largest fd number a child can have (the protocol's limit, that of a C int).
+_MAX_FD: Final = 2**31 - 1
 
 
 class Agent:
@@ -80,7 +92,7 @@ class Agent:
         self.lost: AgentLost | None = None
         #: pid of the local agent (or ssh) process started by open_agent, else None.
         self.agent_pid: int | None = None
-        self._ids = itertools.count(1)
+        self._next_id = 1
         self._hello = trio.Event()
         self._goodbye = trio.Event()
         self._pings: dict[int, trio.Event] = {}
@@ -205,34 +217,46 @@ class Agent:
         argv: Sequence[StrOrBytes | os.PathLike[str]],
         *,
         path: StrOrBytes | os.PathLike[str] | None = None,
-        env: Mapping[StrOrBytes, StrOrBytes] | None = None,
-        env_overrides: Mapping[StrOrBytes, StrOrBytes] | None = None,
+        env: EnvMapping | None = None,
+        env_overrides: EnvMapping | None = None,
         env_remove: Sequence[StrOrBytes] = (),
         cwd: StrOrBytes | os.PathLike[str] | None = None,
         extra_fds: Sequence[int] = (),
         drop_sudo_credentials: bool = False,
         stdin_eof: bool = False,
     ) -> RemoteProcess:
+        """Send the exec (and the stdin eof with it) and return the process, not yet
+        started. Argument errors raise ValueError/TypeError naming the argument before
+        anything is sent or an id is taken."""
         self.raise_if_lost()
-        if isinstance(argv, (str, bytes)):
-            raise TypeError("argv must be a sequence of arguments, not a single string")
-        args = [_os_bytes(a) for a in argv]
-        id = next(self._ids)
+        if not isinstance(drop_sudo_credentials, bool):
+            raise TypeError(
+                "drop_sudo_credentials must be a bool, not "
+                f"{type(drop_sudo_credentials).__name__}"
+            )
+        fds = _extra_fds(extra_fds)
         frame = Exec(
-            id=id,
-            argv=tuple(args),
-            path=None if path is None else _os_bytes(path),
-            env=None if env is None else tuple(
-                _os_bytes(k) + b"=" + _os_bytes(v) for k, v in env.items()),
-            env_set=tuple(_os_bytes(k) + b"=" + _os_bytes(v)
-                          for k, v in (env_overrides or {}).items()),
-            env_unset=tuple(_os_bytes(k) for k in env_remove),
-            cwd=None if cwd is None else _os_bytes(cwd),
-            fds=tuple(extra_fds),
+            id=self._next_id,
+            argv=_argv(argv),
+            path=None if path is None else _os_path(path, "path"),
+            env=None if env is None else _env_entries(env, "env"),
+            env_set=() if env_overrides is None else _env_entries(env_overrides, "env_overrides"),
+            env_unset=_env_names(env_remove),
+            cwd=None if cwd is None else _os_path(cwd, "cwd"),
+            fds=fds,
             drop_sudo=drop_sudo_credentials,
         )
-        data = self.conn.send(frame)  # validates: raises LocalProtocolError on bad input
-        process = RemoteProcess(self, id, list(argv), tuple(extra_fds))  # type: ignore[arg-type]
+        try:
+            data = self.conn.send(frame)
+        except LocalProtocolError as exc:
+            if exc.kind != ErrorKind.FRAME_TOO_LARGE:
+                raise  # every other rule is checked above: a bug of ours
+            # What exec(2) says of arguments beyond its limit.
+            raise OSError(errno.E2BIG, f"argv and env too long for the agent: {exc.message}"
+                          ) from None
+        id = self._next_id
+        self._next_id += 1
+        process = RemoteProcess(self, id, list(argv), fds)  # type: ignore[arg-type]
         self.processes[id] = process
         if stdin_eof:
             # exec and the stdin eof in one write: one wakeup of the agent, not two.
@@ -247,8 +271,8 @@ class Agent:
         argv: Sequence[StrOrBytes | os.PathLike[str]],
         *,
         path: StrOrBytes | os.PathLike[str] | None = None,
-        env: Mapping[StrOrBytes, StrOrBytes] | None = None,
-        env_overrides: Mapping[StrOrBytes, StrOrBytes] | None = None,
+        env: EnvMapping | None = None,
+        env_overrides: EnvMapping | None = None,
         env_remove: Sequence[StrOrBytes] = (),
         cwd: StrOrBytes | os.PathLike[str] | None = None,
         extra_fds: Sequence[int] = (),
@@ -261,6 +285,10 @@ class Agent:
         it the child inherits the agent's (filtered by its environment policy), with
         ``env_remove`` names removed and ``env_overrides`` applied. ``extra_fds`` are
         child fd numbers (≥ 3) that appear as ``process.fds[n]``.
+
+        Bad arguments raise ValueError or TypeError naming the argument (an empty argv,
+        a NUL byte, an env name with "=", an extra fd below 3...) before anything is
+        sent; argv and env beyond the agent's frame limit raise OSError (E2BIG).
 
         Raises OSError (FileNotFoundError, PermissionError, ...) when the program cannot
         be started, :class:`RemoteError` for other refusals, :class:`AgentLost`. The
@@ -281,30 +309,35 @@ class Agent:
         self,
         argv: Sequence[StrOrBytes | os.PathLike[str]],
         *,
-        stdin: bytes = b"",
+        stdin: bytes | bytearray | memoryview | int = b"",
         capture_stdout: bool = False,
         capture_stderr: bool = False,
         check: bool = True,
         path: StrOrBytes | os.PathLike[str] | None = None,
-        env: Mapping[StrOrBytes, StrOrBytes] | None = None,
-        env_overrides: Mapping[StrOrBytes, StrOrBytes] | None = None,
+        env: EnvMapping | None = None,
+        env_overrides: EnvMapping | None = None,
         env_remove: Sequence[StrOrBytes] = (),
         cwd: StrOrBytes | os.PathLike[str] | None = None,
         drop_sudo_credentials: bool = False,
     ) -> subprocess.CompletedProcess[bytes]:
         """Run ``argv`` to completion, like :func:`trio.run_process`.
 
-        Exec, stdin and its eof are sent at once (no round trip before the data). Output
+        Exec, stdin and its eof are sent at once (no round trip before the data).
+        ``stdin`` is bytes, bytearray or memoryview, or ``subprocess.DEVNULL`` (the same
+        as ``b""``: the child reads end of input at once); anything else, a local fd or
+        file included (it cannot be handed to a remote child), raises TypeError. Output
         that is not captured goes to this process's stdout/stderr. With ``check``, a
-        non-zero exit raises :class:`subprocess.CalledProcessError`; a spawn failure the
-        OSError of :meth:`open_process`. On cancellation the remote process group is killed
-        and the child reaped before this returns. After a normal exit it returns once the
-        exit status is in: the close it sends then (which kills anything left in the
-        child's process group) reaches the agent ahead of any later request.
+        non-zero exit raises :class:`subprocess.CalledProcessError`; a spawn failure, a
+        bad argument or a lost agent raise as in :meth:`open_process`. On
+        cancellation the remote process group is killed and the child reaped before this
+        returns. After a normal exit it returns once the exit status is in: the close it
+        sends then (which kills anything left in the child's process group) reaches the
+        agent ahead of any later request.
         """
+        stdin_data = _stdin_bytes(stdin)
         process = self._start(
             argv, path=path, env=env, env_overrides=env_overrides, env_remove=env_remove,
-            cwd=cwd, drop_sudo_credentials=drop_sudo_credentials, stdin_eof=not stdin,
+            cwd=cwd, drop_sudo_credentials=drop_sudo_credentials, stdin_eof=not stdin_data,
         )
         outputs: dict[int, bytearray] = {1: bytearray(), 2: bytearray()}
         capture = {1: capture_stdout, 2: capture_stderr}
@@ -322,14 +355,14 @@ class Agent:
 
         async def feed() -> None:
             try:
-                await process.stdin.send_all(stdin)
+                await process.stdin.send_all(stdin_data)
                 await process.stdin.aclose()
             except trio.BrokenResourceError:
                 pass  # the child stopped reading its stdin: like trio, not an error
 
         async def run() -> None:
             async with trio.open_nursery() as nursery:
-                if stdin:
+                if stdin_data:
                     nursery.start_soon(feed)
                 async with trio.open_nursery() as readers:
                     readers.start_soon(collect, 1)
@@ -421,6 +454,96 @@ async def _finish(process: RemoteProcess) -> None:
         incoming.stop_reading()
     await process.wait()
     await process.aclose()
+
+
+def _os_string(value: object, what: str) -> bytes:
+    """``value`` (str, bytes or path-like) as the bytes the child gets; ``what`` names it
+    in the TypeError or ValueError that bad input raises."""
+    if not isinstance(value, (str, bytes, os.PathLike)):
+        raise TypeError(f"{what} must be str, bytes or os.PathLike, not {type(value).__name__}")
+    try:
+        encoded = os.fsencode(value)
+    except UnicodeEncodeError as exc:  # a lone surrogate other than surrogateescape's
+        raise ValueError(f"{what} cannot be encoded: {exc.reason}") from None
+    if b"\0" in encoded:
+        raise ValueError(f"{what} contains a NUL byte")
+    return encoded
+
+
+def _os_path(value: object, what: str) -> bytes:
+    encoded = _os_string(value, what)
+    if not encoded:
+        raise ValueError(f"{what} must not be empty")
+    return encoded
+
+
+def _argv(argv: object) -> tuple[bytes, ...]:
+    if isinstance(argv, (str, bytes)) or not isinstance(argv, Sequence):
+        raise TypeError(
+            "argv must be a sequence of arguments (a list or tuple), not "
+            + ("a single string" if isinstance(argv, (str, bytes)) else type(argv).__name__)
+        )
+    if not argv:
+        raise ValueError("argv must not be empty")
+    return tuple(_os_string(arg, f"argv[{index}]") for index, arg in enumerate(argv))
+
+
+def _env_name(name: object, what: str) -> bytes:
+    encoded = _os_string(name, f"{what}: variable name {name!r}")
+    if not encoded:
+        raise ValueError(f"{what}: a variable name must not be empty")
+    if b"=" in encoded:
+        raise ValueError(f"{what}: variable name {name!r} contains '='")
+    return encoded
+
+
+def _env_entries(env: EnvMapping, what: str) -> tuple[bytes, ...]:
+    """``env`` or ``env_overrides`` as "K=V" entries."""
+    if not callable(getattr(env, "items", None)):
+        raise TypeError(f"{what} must be a mapping of names to values, not {type(env).__name__}")
+    return tuple(
+        _env_name(name, what) + b"=" + _os_string(value, f"{what}: the value of {name!r}")
+        for name, value in env.items()
+    )
+
+
+def _env_names(names: object) -> tuple[bytes, ...]:
+    if isinstance(names, (str, bytes)) or not isinstance(names, Sequence):
+        raise TypeError("env_remove must be a sequence of variable names, not "
+                        + ("a single string" if isinstance(names, (str, bytes))
+                           else type(names).__name__))
+    return tuple(_env_name(name, "env_remove") for name in names)
+
+
+def _extra_fds(fds: object) -> tuple[int, ...]:
+    if not isinstance(fds, Sequence) or isinstance(fds, (str, bytes)):
+        raise TypeError(f"extra_fds must be a sequence of fd numbers, not {type(fds).__name__}")
+    seen: set[int] = set()
+    for fd in fds:
+        if not isinstance(fd, int) or isinstance(fd, bool):
+            raise TypeError(f"extra_fds: {fd!r} is not an fd number (an int)")
+        if fd < 0 or fd > _MAX_FD:
+            raise ValueError(f"extra_fds: {fd} is not a valid fd number (extra fds are >= 3)")
+        if fd < 3:
+            raise ValueError(f"extra_fds: {fd} is a standard stream (extra fds are >= 3)")
+        if fd in seen:
+            raise ValueError(f"extra_fds: {fd} appears twice")
+        seen.add(fd)
+    return tuple(fds)
+
+
+def _stdin_bytes(stdin: object) -> bytes | bytearray | memoryview:
+    """run_process's ``stdin``: the bytes to send (DEVNULL: none, an immediate eof)."""
+    if isinstance(stdin, (bytes, bytearray, memoryview)):
+        return stdin
+    if type(stdin) is int and stdin == subprocess.DEVNULL:
+        return b""
+    given = repr(stdin) if isinstance(stdin, int) else type(stdin).__name__
+    raise TypeError(
+        f"stdin must be bytes, bytearray, memoryview or subprocess.DEVNULL, not {given}: "
+        "a local fd or file cannot be handed to a remote child (read it and pass the "
+        "bytes, or send them to open_process's stdin)"
+    )
 
 
 async def _write_local(ch: int, chunk: bytes) -> None:
