@@ -45,8 +45,8 @@ from protocol import (
     Window,
 )
 
-from ._errors import AgentLost, RemoteError
-from ._process import RemoteProcess
+from ._errors import AgentClosed, AgentLost, RemoteError
+from ._process import _KILL_WAIT, RemoteProcess
 
 __all__ = ["Agent", "connect", "open_agent"]
 
@@ -81,7 +81,9 @@ _MAX_FD: Final = 2**31 - 1
 class Agent:
     """A connected agent. Obtain one from :func:`open_agent` or :func:`connect`."""
 
-    def __init__(self, transport: Transport, *, window: int, max_frame: int) -> None:
+    def __init__(
+        self, transport: Transport, *, window: int, max_frame: int, shutdown_timeout: float
+    ) -> None:
         self.conn = Connection(
             Role.CONTROLLER, max_frame_size=max_frame, window=window,
             impl="mproxy-controller", impl_version=__version__, zero_copy=True,
@@ -93,6 +95,8 @@ class Agent:
         #: pid of the local agent (or ssh) process started by open_agent, else None.
         self.agent_pid: int | None = None
         self._next_id = 1
+        self._shutdown_timeout = shutdown_timeout
+        self._closed = False  # aclose() began (or the block was left): no new requests
         self._hello = trio.Event()
         self._goodbye = trio.Event()
         self._pings: dict[int, trio.Event] = {}
@@ -114,6 +118,16 @@ class Agent:
     def raise_if_lost(self) -> None:
         if self.lost is not None:
             raise AgentLost(str(self.lost)) from self.lost
+
+    def _check_open(self) -> None:
+        """Refuse a new request: AgentClosed once the agent was closed by us (its block
+        ended), AgentLost if it was lost before that."""
+        if self._closed:
+            raise AgentClosed(
+                "the agent is closed (its block has ended or aclose() was called); "
+                "open a new agent"
+            )
+        self.raise_if_lost()
 
     def _lose(self, reason: str) -> None:
         if self.lost is None:
@@ -228,7 +242,7 @@ class Agent:
         """Send the exec (and the stdin eof with it) and return the process, not yet
         started. Argument errors raise ValueError/TypeError naming the argument before
         anything is sent or an id is taken."""
-        self.raise_if_lost()
+        self._check_open()
         if not isinstance(drop_sudo_credentials, bool):
             raise TypeError(
                 "drop_sudo_credentials must be a bool, not "
@@ -291,8 +305,9 @@ class Agent:
         sent; argv and env beyond the agent's frame limit raise OSError (E2BIG).
 
         Raises OSError (FileNotFoundError, PermissionError, ...) when the program cannot
-        be started, :class:`RemoteError` for other refusals, :class:`AgentLost`. The
-        caller owns the process: use ``async with`` or ``aclose()`` to release it.
+        be started, :class:`RemoteError` for other refusals, :class:`AgentLost`, and
+        :class:`AgentClosed` once the agent's block has ended. The caller owns the
+        process: use ``async with`` or ``aclose()`` to release it.
         """
         process = self._start(
             argv, path=path, env=env, env_overrides=env_overrides, env_remove=env_remove,
@@ -328,7 +343,7 @@ class Agent:
         file included (it cannot be handed to a remote child), raises TypeError. Output
         that is not captured goes to this process's stdout/stderr. With ``check``, a
         non-zero exit raises :class:`subprocess.CalledProcessError`; a spawn failure, a
-        bad argument or a lost agent raise as in :meth:`open_process`. On
+        bad argument, a lost or closed agent raise as in :meth:`open_process`. On
         cancellation the remote process group is killed and the child reaped before this
         returns. After a normal exit it returns once the exit status is in: the close it
         sends then (which kills anything left in the child's process group) reaches the
@@ -403,7 +418,9 @@ class Agent:
         self, *, keep: Sequence[str] | None = None, remove: Sequence[str] | None = None
     ) -> None:
         """Replace the agent's environment policy lists for later inherited environments
-        (globs, or ``/regex/``); None leaves a list as it is."""
+        (globs, or ``/regex/``); None leaves a list as it is. Returns once the agent has
+        applied them; raises AgentLost, or AgentClosed once the agent's block has ended."""
+        self._check_open()
         self.send(Config(
             env_keep=None if keep is None else tuple(keep),
             env_remove=None if remove is None else tuple(remove),
@@ -411,7 +428,9 @@ class Agent:
         await self.ping()  # the config is applied once the pong arrives (frames are ordered)
 
     async def ping(self) -> float:
-        """Round trip to the agent, in seconds."""
+        """Round trip to the agent, in seconds. Raises AgentLost, or AgentClosed once the
+        agent's block has ended."""
+        self._check_open()
         n = next(self._ping_ids)
         event = trio.Event()
         self._pings[n] = event
@@ -422,37 +441,57 @@ class Agent:
         return trio.current_time() - start
 
     async def aclose(self) -> None:
-        """Finish gracefully: close every process's stdin, discard its unread output, wait
-        for it to exit and release it; then shutdown and wait for the agent's goodbye.
+        """Finish gracefully, within a bound: close every process's stdin and discard
+        its unread output; give the processes until ``shutdown_timeout`` seconds (of
+        :func:`open_agent` or :func:`connect`) from now to exit; kill the process group of
+        each one still running, wait for its exit and release it; then shutdown and wait
+        for the agent's goodbye.
+
+        With an agent that answers, this takes at most ``shutdown_timeout`` plus the
+        round trips of the kills (milliseconds). An agent that does not finish within
+        10 s after that is taken for lost. From the start of the call, new requests
+        raise :class:`AgentClosed`.
 
         Raises :class:`AgentLost` if the agent is lost, before or meanwhile: how the
-        processes ended is then unknown. Called again after the goodbye, returns at once."""
+        processes ended is then unknown. Called again, waits for the first call's
+        goodbye."""
         self.raise_if_lost()
-        if self._goodbye.is_set():
+        if self._closed:  # closed already, or being closed by another task
+            await self._goodbye.wait()
+            self.raise_if_lost()
             return
+        self._closed = True
+        deadline = trio.current_time() + self._shutdown_timeout
 
-        async def finish_all() -> None:
-            async with trio.open_nursery() as nursery:
-                for process in list(self.processes.values()):
-                    nursery.start_soon(_finish, process)
-
-        await _collapsing(finish_all)  # each process's AgentLost: one, not a group
+        async with trio.open_nursery() as nursery:
+            for process in list(self.processes.values()):
+                nursery.start_soon(_finish, process, deadline)
+        self.raise_if_lost()
         self.send(Shutdown())
-        await self._goodbye.wait()
+        # The kills above were each given _KILL_WAIT: so is the agent's whole answer.
+        with trio.move_on_at(deadline + _KILL_WAIT):
+            await self._goodbye.wait()
+        if not self._goodbye.is_set():
+            self._lose(f"the agent sent no goodbye within {self._shutdown_timeout + _KILL_WAIT} s")
         self.raise_if_lost()
 
     def _abort(self) -> None:
         """Stop everything at once: the agent sees the stream end and kills every child."""
+        if self.lost is None:  # else the loss stays the reason later calls fail
+            self._closed = True
         self._lose("the controller left")
 
 
-async def _finish(process: RemoteProcess) -> None:
+async def _finish(process: RemoteProcess, deadline: float) -> None:
+    """Close the stdin of ``process`` and discard its output; once it has exited, or at
+    ``deadline``, close it (which kills it if it still runs)."""
     if process.closed:
         return
     await process.stdin.aclose()
     for incoming in process._outputs.values():
         incoming.stop_reading()
-    await process.wait()
+    with trio.move_on_at(deadline):
+        await process._exited.wait()
     await process.aclose()
 
 
@@ -587,7 +626,8 @@ async def _collapsing(body: Callable[[], Awaitable[None]]) -> None:
 
 @asynccontextmanager
 async def _serve(
-    transport: Transport, *, window: int, max_frame: int, handshake_timeout: float
+    transport: Transport, *, window: int, max_frame: int, handshake_timeout: float,
+    shutdown_timeout: float,
 ) -> AsyncIterator[Agent]:
     """Run the frame loops around the caller's block.
 
@@ -596,7 +636,8 @@ async def _serve(
     CalledProcessError, ... around ``async with`` (the loops themselves never raise)."""
     try:
         async with _serve_in_nursery(
-            transport, window=window, max_frame=max_frame, handshake_timeout=handshake_timeout
+            transport, window=window, max_frame=max_frame, handshake_timeout=handshake_timeout,
+            shutdown_timeout=shutdown_timeout,
         ) as agent:
             yield agent
     except BaseExceptionGroup as group:
@@ -609,9 +650,11 @@ async def _serve(
 
 @asynccontextmanager
 async def _serve_in_nursery(
-    transport: Transport, *, window: int, max_frame: int, handshake_timeout: float
+    transport: Transport, *, window: int, max_frame: int, handshake_timeout: float,
+    shutdown_timeout: float,
 ) -> AsyncIterator[Agent]:
-    agent = Agent(transport, window=window, max_frame=max_frame)
+    agent = Agent(transport, window=window, max_frame=max_frame,
+                  shutdown_timeout=shutdown_timeout)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(agent._write_loop)
         nursery.start_soon(agent._read_loop)
@@ -641,16 +684,24 @@ async def connect(
     window: int = RECEIVE_WINDOW,
     max_frame: int = DEFAULT_MAX_FRAME,
     handshake_timeout: float = 30.0,
+    shutdown_timeout: float = 30.0,
 ) -> AsyncIterator[Agent]:
     """Speak to an agent over already-open streams (a bidirectional trio stream, a
     send/receive pair, or a :class:`~agent.transport.Transport`).
 
-    Performs the handshake and yields the :class:`Agent`. Leaving the block normally
-    finishes every process and shuts the agent down (``Agent.aclose``), raising
-    :class:`AgentLost` if the agent was lost before or meanwhile; leaving by an
-    exception or cancellation closes the stream, upon which the agent kills every child.
-    The streams are closed either way. No hello within ``handshake_timeout`` seconds
-    raises :class:`AgentLost`.
+    Performs the handshake and yields the :class:`Agent`. No hello within
+    ``handshake_timeout`` seconds raises :class:`AgentLost`.
+
+    Leaving the block normally shuts the agent down gracefully within a bound
+    (``Agent.aclose``): every process's stdin is closed and its unread output
+    discarded; processes still running ``shutdown_timeout`` seconds after the block's
+    end are killed (their process groups) and reaped; then the agent says goodbye. With
+    an agent that answers, that takes at most ``shutdown_timeout`` plus a few round
+    trips; one that does not finish within 10 s more is lost. :class:`AgentLost` is
+    raised if the agent was lost before or meanwhile. Leaving by an exception or
+    cancellation closes the stream at once, upon which the agent kills every child. The
+    streams are closed either way. Afterwards every request raises
+    :class:`AgentClosed`.
     """
     if receive_stream is None and hasattr(send_stream, "receive_into"):
         transport: Transport = send_stream  # type: ignore[assignment]
@@ -666,7 +717,8 @@ async def connect(
             )
         transport = StreamTransport(send_stream, receive)
     async with _serve(
-        transport, window=window, max_frame=max_frame, handshake_timeout=handshake_timeout
+        transport, window=window, max_frame=max_frame, handshake_timeout=handshake_timeout,
+        shutdown_timeout=shutdown_timeout,
     ) as agent:
         yield agent
 
@@ -691,9 +743,14 @@ async def open_agent(
     waits) raises :class:`AgentLost`. The agent's stderr goes to
     ours unless ``stderr`` says otherwise (a subprocess-style fd or DEVNULL).
 
-    Leaving the block shuts the agent down gracefully (see :func:`connect`), or, on an
-    exception or cancellation, closes its stdin so it kills every child; then waits for
-    the agent process to exit (killing it after ``shutdown_timeout`` seconds).
+    Leaving the block normally shuts the agent down gracefully within a bound (see
+    :func:`connect`): every process's stdin is closed and its unread output discarded;
+    processes still running ``shutdown_timeout`` seconds after the block's end are
+    killed (their process groups) and reaped; then the agent says goodbye and exits.
+    Leaving by an exception or cancellation closes the agent's stdin at once, upon which
+    it kills every child. Either way the agent process is then given ``shutdown_timeout``
+    seconds to exit and killed after. After the block every request raises
+    :class:`AgentClosed`.
 
     The agent runs in a process group of its own: Ctrl-C at a terminal reaches this
     process only (its KeyboardInterrupt or handler decides), not the agent or the ssh
@@ -721,18 +778,24 @@ async def open_agent(
     transport = FdTransport(from_agent_r, to_agent_w)
     try:
         async with _serve(
-            transport, window=window, max_frame=max_frame, handshake_timeout=handshake_timeout
+            transport, window=window, max_frame=max_frame, handshake_timeout=handshake_timeout,
+            shutdown_timeout=shutdown_timeout,
         ) as agent:
             agent.agent_pid = process.pid
             yield agent
     except AgentLost as exc:
-        with trio.CancelScope(shield=True), trio.move_on_after(shutdown_timeout):
-            await process.wait()
+        await _reap(process, shutdown_timeout)
         raise AgentLost(f"{exc} (agent exit status {process.returncode})") from None
     finally:
-        with trio.CancelScope(shield=True):
-            with trio.move_on_after(shutdown_timeout):
-                await process.wait()
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
+        await _reap(process, shutdown_timeout)
+
+
+async def _reap(process: trio.Process, timeout: float) -> None:
+    """Wait for the agent process to exit, killing it after ``timeout`` seconds; runs to
+    completion even when cancelled."""
+    with trio.CancelScope(shield=True):
+        with trio.move_on_after(timeout):
+            await process.wait()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
