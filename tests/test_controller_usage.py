@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -241,3 +242,22 @@ async def test_arguments_beyond_the_frame_limit_are_e2big(local_agent: controlle
         await local_agent.run_process(["true", "x" * (5 << 20)])
     assert info.value.errno == errno.E2BIG
     assert (await local_agent.run_process(["true"])).returncode == 0
+
+
+async def test_mproxy_exec_arguments_beyond_the_frame_limit_exit_126() -> None:
+    # An agent announcing the smallest frame limit the protocol allows (64 KiB): the
+    # arguments fit our own exec but not one exec frame. As a shell does for E2BIG.
+    small_agent = shlex.join([
+        sys.executable, "-c",
+        "import trio, agent\n"
+        "trio.run(lambda: agent.serve(agent.FdTransport(0, 1), max_frame=65536))",
+    ])
+    with trio.fail_after(30):
+        done = await trio.run_process(
+            [sys.executable, "-m", "controller", "--agent", small_agent, "--",
+             "true", "x" * 40_000, "y" * 40_000],
+            stdin=subprocess.DEVNULL, capture_stdout=True, capture_stderr=True, check=False,
+        )
+    assert done.returncode == 126, done.stderr
+    assert done.stderr.startswith(b"mproxy-exec: true: argv and env too long for the agent")
+    assert b"Traceback" not in done.stderr
