@@ -14,12 +14,13 @@ The ``mproxy-exec`` command line is in ``controller._cli``.
 """
 
 from ._agent import Agent, connect, open_agent
-from ._errors import AgentError, AgentLost, RemoteError
+from ._errors import AgentClosed, AgentError, AgentLost, RemoteError
 from ._process import RemoteProcess
 from ._streams import RemoteFdStream, RemoteReceiveStream, RemoteSendStream
 
 __all__ = [
     "Agent",
+    "AgentClosed",
     "AgentError",
     "AgentLost",
     "RemoteError",

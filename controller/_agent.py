@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import logging
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Set as AbstractSet
 from contextlib import asynccontextmanager
-from typing import Final
+from typing import Final, Protocol
 
 import trio
 
@@ -25,11 +27,13 @@ from protocol import (
     Data,
     Eof,
     Error,
+    ErrorKind,
     Exec,
     Exit,
     Frame,
     Goodbye,
     Hello,
+    LocalProtocolError,
     Log,
     Ping,
     Pong,
@@ -41,8 +45,8 @@ from protocol import (
     Window,
 )
 
-from ._errors import AgentLost, RemoteError
-from ._process import RemoteProcess
+from ._errors import AgentClosed, AgentLost, RemoteError
+from ._process import _KILL_WAIT, RemoteProcess
 
 __all__ = ["Agent", "connect", "open_agent"]
 
@@ -62,14 +66,24 @@ _LOG_LEVELS: Final = {"debug": logging.DEBUG, "info": logging.INFO,
 StrOrBytes = str | bytes
 
 
-def _os_bytes(value: StrOrBytes | os.PathLike[str]) -> bytes:
-    return os.fsencode(value)
+class EnvMapping(Protocol):
+    """What ``env`` and ``env_overrides`` take: a mapping (a dict, ``os.environ``, ...)
+    of str or bytes names to str or bytes values. Not ``Mapping[str | bytes, ...]``: a
+    Mapping's key type is invariant, so ``dict[str, str]`` would not be one."""
+
+    def items(self) -> AbstractSet[tuple[StrOrBytes, StrOrBytes]]: ...
+
+
+#: The largest fd number a child can have (the protocol's limit, that of a C int).
+_MAX_FD: Final = 2**31 - 1
 
 
 class Agent:
     """A connected agent. Obtain one from :func:`open_agent` or :func:`connect`."""
 
-    def __init__(self, transport: Transport, *, window: int, max_frame: int) -> None:
+    def __init__(
+        self, transport: Transport, *, window: int, max_frame: int, shutdown_timeout: float
+    ) -> None:
         self.conn = Connection(
             Role.CONTROLLER, max_frame_size=max_frame, window=window,
             impl="mproxy-controller", impl_version=__version__, zero_copy=True,
@@ -80,7 +94,9 @@ class Agent:
         self.lost: AgentLost | None = None
         #: pid of the local agent (or ssh) process started by open_agent, else None.
         self.agent_pid: int | None = None
-        self._ids = itertools.count(1)
+        self._next_id = 1
+        self._shutdown_timeout = shutdown_timeout
+        self._closed = False  # aclose() began (or the block was left): no new requests
         self._hello = trio.Event()
         self._goodbye = trio.Event()
         self._pings: dict[int, trio.Event] = {}
@@ -102,6 +118,16 @@ class Agent:
     def raise_if_lost(self) -> None:
         if self.lost is not None:
             raise AgentLost(str(self.lost)) from self.lost
+
+    def _check_open(self) -> None:
+        """Refuse a new request: AgentClosed once the agent was closed by us (its block
+        ended), AgentLost if it was lost before that."""
+        if self._closed:
+            raise AgentClosed(
+                "the agent is closed (its block has ended or aclose() was called); "
+                "open a new agent"
+            )
+        self.raise_if_lost()
 
     def _lose(self, reason: str) -> None:
         if self.lost is None:
@@ -205,34 +231,46 @@ class Agent:
         argv: Sequence[StrOrBytes | os.PathLike[str]],
         *,
         path: StrOrBytes | os.PathLike[str] | None = None,
-        env: Mapping[StrOrBytes, StrOrBytes] | None = None,
-        env_overrides: Mapping[StrOrBytes, StrOrBytes] | None = None,
+        env: EnvMapping | None = None,
+        env_overrides: EnvMapping | None = None,
         env_remove: Sequence[StrOrBytes] = (),
         cwd: StrOrBytes | os.PathLike[str] | None = None,
         extra_fds: Sequence[int] = (),
         drop_sudo_credentials: bool = False,
         stdin_eof: bool = False,
     ) -> RemoteProcess:
-        self.raise_if_lost()
-        if isinstance(argv, (str, bytes)):
-            raise TypeError("argv must be a sequence of arguments, not a single string")
-        args = [_os_bytes(a) for a in argv]
-        id = next(self._ids)
+        """Send the exec (and the stdin eof with it) and return the process, not yet
+        started. Argument errors raise ValueError/TypeError naming the argument before
+        anything is sent or an id is taken."""
+        self._check_open()
+        if not isinstance(drop_sudo_credentials, bool):
+            raise TypeError(
+                "drop_sudo_credentials must be a bool, not "
+                f"{type(drop_sudo_credentials).__name__}"
+            )
+        fds = _extra_fds(extra_fds)
         frame = Exec(
-            id=id,
-            argv=tuple(args),
-            path=None if path is None else _os_bytes(path),
-            env=None if env is None else tuple(
-                _os_bytes(k) + b"=" + _os_bytes(v) for k, v in env.items()),
-            env_set=tuple(_os_bytes(k) + b"=" + _os_bytes(v)
-                          for k, v in (env_overrides or {}).items()),
-            env_unset=tuple(_os_bytes(k) for k in env_remove),
-            cwd=None if cwd is None else _os_bytes(cwd),
-            fds=tuple(extra_fds),
+            id=self._next_id,
+            argv=_argv(argv),
+            path=None if path is None else _os_path(path, "path"),
+            env=None if env is None else _env_entries(env, "env"),
+            env_set=() if env_overrides is None else _env_entries(env_overrides, "env_overrides"),
+            env_unset=_env_names(env_remove),
+            cwd=None if cwd is None else _os_path(cwd, "cwd"),
+            fds=fds,
             drop_sudo=drop_sudo_credentials,
         )
-        data = self.conn.send(frame)  # validates: raises LocalProtocolError on bad input
-        process = RemoteProcess(self, id, list(argv), tuple(extra_fds),  # type: ignore[arg-type]
+        try:
+            data = self.conn.send(frame)
+        except LocalProtocolError as exc:
+            if exc.kind != ErrorKind.FRAME_TOO_LARGE:
+                raise  # every other rule is checked above: a bug of ours
+            # What exec(2) says of arguments beyond its limit.
+            raise OSError(errno.E2BIG, f"argv and env too long for the agent: {exc.message}"
+                          ) from None
+        id = self._next_id
+        self._next_id += 1
+        process = RemoteProcess(self, id, list(argv), fds,  # type: ignore[arg-type]
                                 argv[0] if path is None else path)
         self.processes[id] = process
         if stdin_eof:
@@ -248,8 +286,8 @@ class Agent:
         argv: Sequence[StrOrBytes | os.PathLike[str]],
         *,
         path: StrOrBytes | os.PathLike[str] | None = None,
-        env: Mapping[StrOrBytes, StrOrBytes] | None = None,
-        env_overrides: Mapping[StrOrBytes, StrOrBytes] | None = None,
+        env: EnvMapping | None = None,
+        env_overrides: EnvMapping | None = None,
         env_remove: Sequence[StrOrBytes] = (),
         cwd: StrOrBytes | os.PathLike[str] | None = None,
         extra_fds: Sequence[int] = (),
@@ -263,9 +301,14 @@ class Agent:
         ``env_remove`` names removed and ``env_overrides`` applied. ``extra_fds`` are
         child fd numbers (≥ 3) that appear as ``process.fds[n]``.
 
+        Bad arguments raise ValueError or TypeError naming the argument (an empty argv,
+        a NUL byte, an env name with "=", an extra fd below 3...) before anything is
+        sent; argv and env beyond the agent's frame limit raise OSError (E2BIG).
+
         Raises OSError (FileNotFoundError, PermissionError, ...) when the program cannot
-        be started, :class:`RemoteError` for other refusals, :class:`AgentLost`. The
-        caller owns the process: use ``async with`` or ``aclose()`` to release it.
+        be started, :class:`RemoteError` for other refusals, :class:`AgentLost`, and
+        :class:`AgentClosed` once the agent's block has ended. The caller owns the
+        process: use ``async with`` or ``aclose()`` to release it.
         """
         process = self._start(
             argv, path=path, env=env, env_overrides=env_overrides, env_remove=env_remove,
@@ -282,30 +325,35 @@ class Agent:
         self,
         argv: Sequence[StrOrBytes | os.PathLike[str]],
         *,
-        stdin: bytes = b"",
+        stdin: bytes | bytearray | memoryview | int = b"",
         capture_stdout: bool = False,
         capture_stderr: bool = False,
         check: bool = True,
         path: StrOrBytes | os.PathLike[str] | None = None,
-        env: Mapping[StrOrBytes, StrOrBytes] | None = None,
-        env_overrides: Mapping[StrOrBytes, StrOrBytes] | None = None,
+        env: EnvMapping | None = None,
+        env_overrides: EnvMapping | None = None,
         env_remove: Sequence[StrOrBytes] = (),
         cwd: StrOrBytes | os.PathLike[str] | None = None,
         drop_sudo_credentials: bool = False,
     ) -> subprocess.CompletedProcess[bytes]:
         """Run ``argv`` to completion, like :func:`trio.run_process`.
 
-        Exec, stdin and its eof are sent at once (no round trip before the data). Output
+        Exec, stdin and its eof are sent at once (no round trip before the data).
+        ``stdin`` is bytes, bytearray or memoryview, or ``subprocess.DEVNULL`` (the same
+        as ``b""``: the child reads end of input at once); anything else, a local fd or
+        file included (it cannot be handed to a remote child), raises TypeError. Output
         that is not captured goes to this process's stdout/stderr. With ``check``, a
-        non-zero exit raises :class:`subprocess.CalledProcessError`; a spawn failure the
-        OSError of :meth:`open_process`. On cancellation the remote process group is killed
-        and the child reaped before this returns. After a normal exit it returns once the
-        exit status is in: the close it sends then (which kills anything left in the
-        child's process group) reaches the agent ahead of any later request.
+        non-zero exit raises :class:`subprocess.CalledProcessError`; a spawn failure, a
+        bad argument, a lost or closed agent raise as in :meth:`open_process`. On
+        cancellation the remote process group is killed and the child reaped before this
+        returns. After a normal exit it returns once the exit status is in: the close it
+        sends then (which kills anything left in the child's process group) reaches the
+        agent ahead of any later request.
         """
+        stdin_data = _stdin_bytes(stdin)
         process = self._start(
             argv, path=path, env=env, env_overrides=env_overrides, env_remove=env_remove,
-            cwd=cwd, drop_sudo_credentials=drop_sudo_credentials, stdin_eof=not stdin,
+            cwd=cwd, drop_sudo_credentials=drop_sudo_credentials, stdin_eof=not stdin_data,
         )
         outputs: dict[int, bytearray] = {1: bytearray(), 2: bytearray()}
         capture = {1: capture_stdout, 2: capture_stderr}
@@ -323,14 +371,14 @@ class Agent:
 
         async def feed() -> None:
             try:
-                await process.stdin.send_all(stdin)
+                await process.stdin.send_all(stdin_data)
                 await process.stdin.aclose()
             except trio.BrokenResourceError:
                 pass  # the child stopped reading its stdin: like trio, not an error
 
         async def run() -> None:
             async with trio.open_nursery() as nursery:
-                if stdin:
+                if stdin_data:
                     nursery.start_soon(feed)
                 async with trio.open_nursery() as readers:
                     readers.start_soon(collect, 1)
@@ -371,7 +419,9 @@ class Agent:
         self, *, keep: Sequence[str] | None = None, remove: Sequence[str] | None = None
     ) -> None:
         """Replace the agent's environment policy lists for later inherited environments
-        (globs, or ``/regex/``); None leaves a list as it is."""
+        (globs, or ``/regex/``); None leaves a list as it is. Returns once the agent has
+        applied them; raises AgentLost, or AgentClosed once the agent's block has ended."""
+        self._check_open()
         self.send(Config(
             env_keep=None if keep is None else tuple(keep),
             env_remove=None if remove is None else tuple(remove),
@@ -379,7 +429,9 @@ class Agent:
         await self.ping()  # the config is applied once the pong arrives (frames are ordered)
 
     async def ping(self) -> float:
-        """Round trip to the agent, in seconds."""
+        """Round trip to the agent, in seconds. Raises AgentLost, or AgentClosed once the
+        agent's block has ended."""
+        self._check_open()
         n = next(self._ping_ids)
         event = trio.Event()
         self._pings[n] = event
@@ -390,38 +442,148 @@ class Agent:
         return trio.current_time() - start
 
     async def aclose(self) -> None:
-        """Finish gracefully: close every process's stdin, discard its unread output, wait
-        for it to exit and release it; then shutdown and wait for the agent's goodbye.
+        """Finish gracefully, within a bound: close every process's stdin and discard
+        its unread output; give the processes until ``shutdown_timeout`` seconds (of
+        :func:`open_agent` or :func:`connect`) from now to exit; kill the process group of
+        each one still running, wait for its exit and release it; then shutdown and wait
+        for the agent's goodbye.
+
+        With an agent that answers, this takes at most ``shutdown_timeout`` plus the
+        round trips of the kills (milliseconds). An agent that does not finish within
+        10 s after that is taken for lost. From the start of the call, new requests
+        raise :class:`AgentClosed`.
 
         Raises :class:`AgentLost` if the agent is lost, before or meanwhile: how the
-        processes ended is then unknown. Called again after the goodbye, returns at once."""
+        processes ended is then unknown. Called again, waits for the first call's
+        goodbye."""
         self.raise_if_lost()
-        if self._goodbye.is_set():
+        if self._closed:  # closed already, or being closed by another task
+            await self._goodbye.wait()
+            self.raise_if_lost()
             return
+        self._closed = True
+        deadline = trio.current_time() + self._shutdown_timeout
 
-        async def finish_all() -> None:
-            async with trio.open_nursery() as nursery:
-                for process in list(self.processes.values()):
-                    nursery.start_soon(_finish, process)
-
-        await _collapsing(finish_all)  # each process's AgentLost: one, not a group
+        async with trio.open_nursery() as nursery:
+            for process in list(self.processes.values()):
+                nursery.start_soon(_finish, process, deadline)
+        self.raise_if_lost()
         self.send(Shutdown())
-        await self._goodbye.wait()
+        # The kills above were each given _KILL_WAIT: so is the agent's whole answer.
+        with trio.move_on_at(deadline + _KILL_WAIT):
+            await self._goodbye.wait()
+        if not self._goodbye.is_set():
+            self._lose(f"the agent sent no goodbye within {self._shutdown_timeout + _KILL_WAIT} s")
         self.raise_if_lost()
 
     def _abort(self) -> None:
         """Stop everything at once: the agent sees the stream end and kills every child."""
+        if self.lost is None:  # else the loss stays the reason later calls fail
+            self._closed = True
         self._lose("the controller left")
 
 
-async def _finish(process: RemoteProcess) -> None:
+async def _finish(process: RemoteProcess, deadline: float) -> None:
+    """Close the stdin of ``process`` and discard its output; once it has exited, or at
+    ``deadline``, close it (which kills it if it still runs)."""
     if process.closed:
         return
     await process.stdin.aclose()
     for incoming in process._outputs.values():
         incoming.stop_reading()
-    await process.wait()
+    with trio.move_on_at(deadline):
+        await process._exited.wait()
     await process.aclose()
+
+
+def _os_string(value: object, what: str) -> bytes:
+    """``value`` (str, bytes or path-like) as the bytes the child gets; ``what`` names it
+    in the TypeError or ValueError that bad input raises."""
+    if not isinstance(value, (str, bytes, os.PathLike)):
+        raise TypeError(f"{what} must be str, bytes or os.PathLike, not {type(value).__name__}")
+    try:
+        encoded = os.fsencode(value)
+    except UnicodeEncodeError as exc:  # a lone surrogate other than surrogateescape's
+        raise ValueError(f"{what} cannot be encoded: {exc.reason}") from None
+    if b"\0" in encoded:
+        raise ValueError(f"{what} contains a NUL byte")
+    return encoded
+
+
+def _os_path(value: object, what: str) -> bytes:
+    encoded = _os_string(value, what)
+    if not encoded:
+        raise ValueError(f"{what} must not be empty")
+    return encoded
+
+
+def _argv(argv: object) -> tuple[bytes, ...]:
+    if isinstance(argv, (str, bytes)) or not isinstance(argv, Sequence):
+        raise TypeError(
+            "argv must be a sequence of arguments (a list or tuple), not "
+            + ("a single string" if isinstance(argv, (str, bytes)) else type(argv).__name__)
+        )
+    if not argv:
+        raise ValueError("argv must not be empty")
+    return tuple(_os_string(arg, f"argv[{index}]") for index, arg in enumerate(argv))
+
+
+def _env_name(name: object, what: str) -> bytes:
+    encoded = _os_string(name, f"{what}: variable name {name!r}")
+    if not encoded:
+        raise ValueError(f"{what}: a variable name must not be empty")
+    if b"=" in encoded:
+        raise ValueError(f"{what}: variable name {name!r} contains '='")
+    return encoded
+
+
+def _env_entries(env: EnvMapping, what: str) -> tuple[bytes, ...]:
+    """``env`` or ``env_overrides`` as "K=V" entries."""
+    if not callable(getattr(env, "items", None)):
+        raise TypeError(f"{what} must be a mapping of names to values, not {type(env).__name__}")
+    return tuple(
+        _env_name(name, what) + b"=" + _os_string(value, f"{what}: the value of {name!r}")
+        for name, value in env.items()
+    )
+
+
+def _env_names(names: object) -> tuple[bytes, ...]:
+    if isinstance(names, (str, bytes)) or not isinstance(names, Sequence):
+        raise TypeError("env_remove must be a sequence of variable names, not "
+                        + ("a single string" if isinstance(names, (str, bytes))
+                           else type(names).__name__))
+    return tuple(_env_name(name, "env_remove") for name in names)
+
+
+def _extra_fds(fds: object) -> tuple[int, ...]:
+    if not isinstance(fds, Sequence) or isinstance(fds, (str, bytes)):
+        raise TypeError(f"extra_fds must be a sequence of fd numbers, not {type(fds).__name__}")
+    seen: set[int] = set()
+    for fd in fds:
+        if not isinstance(fd, int) or isinstance(fd, bool):
+            raise TypeError(f"extra_fds: {fd!r} is not an fd number (an int)")
+        if fd < 0 or fd > _MAX_FD:
+            raise ValueError(f"extra_fds: {fd} is not a valid fd number (extra fds are >= 3)")
+        if fd < 3:
+            raise ValueError(f"extra_fds: {fd} is a standard stream (extra fds are >= 3)")
+        if fd in seen:
+            raise ValueError(f"extra_fds: {fd} appears twice")
+        seen.add(fd)
+    return tuple(fds)
+
+
+def _stdin_bytes(stdin: object) -> bytes | bytearray | memoryview:
+    """run_process's ``stdin``: the bytes to send (DEVNULL: none, an immediate eof)."""
+    if isinstance(stdin, (bytes, bytearray, memoryview)):
+        return stdin
+    if type(stdin) is int and stdin == subprocess.DEVNULL:
+        return b""
+    given = repr(stdin) if isinstance(stdin, int) else type(stdin).__name__
+    raise TypeError(
+        f"stdin must be bytes, bytearray, memoryview or subprocess.DEVNULL, not {given}: "
+        "a local fd or file cannot be handed to a remote child (read it and pass the "
+        "bytes, or send them to open_process's stdin)"
+    )
 
 
 async def _write_local(ch: int, chunk: bytes) -> None:
@@ -465,7 +627,8 @@ async def _collapsing(body: Callable[[], Awaitable[None]]) -> None:
 
 @asynccontextmanager
 async def _serve(
-    transport: Transport, *, window: int, max_frame: int, handshake_timeout: float
+    transport: Transport, *, window: int, max_frame: int, handshake_timeout: float,
+    shutdown_timeout: float,
 ) -> AsyncIterator[Agent]:
     """Run the frame loops around the caller's block.
 
@@ -474,7 +637,8 @@ async def _serve(
     CalledProcessError, ... around ``async with`` (the loops themselves never raise)."""
     try:
         async with _serve_in_nursery(
-            transport, window=window, max_frame=max_frame, handshake_timeout=handshake_timeout
+            transport, window=window, max_frame=max_frame, handshake_timeout=handshake_timeout,
+            shutdown_timeout=shutdown_timeout,
         ) as agent:
             yield agent
     except BaseExceptionGroup as group:
@@ -487,9 +651,11 @@ async def _serve(
 
 @asynccontextmanager
 async def _serve_in_nursery(
-    transport: Transport, *, window: int, max_frame: int, handshake_timeout: float
+    transport: Transport, *, window: int, max_frame: int, handshake_timeout: float,
+    shutdown_timeout: float,
 ) -> AsyncIterator[Agent]:
-    agent = Agent(transport, window=window, max_frame=max_frame)
+    agent = Agent(transport, window=window, max_frame=max_frame,
+                  shutdown_timeout=shutdown_timeout)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(agent._write_loop)
         nursery.start_soon(agent._read_loop)
@@ -519,16 +685,24 @@ async def connect(
     window: int = RECEIVE_WINDOW,
     max_frame: int = DEFAULT_MAX_FRAME,
     handshake_timeout: float = 30.0,
+    shutdown_timeout: float = 30.0,
 ) -> AsyncIterator[Agent]:
     """Speak to an agent over already-open streams (a bidirectional trio stream, a
     send/receive pair, or a :class:`~agent.transport.Transport`).
 
-    Performs the handshake and yields the :class:`Agent`. Leaving the block normally
-    finishes every process and shuts the agent down (``Agent.aclose``), raising
-    :class:`AgentLost` if the agent was lost before or meanwhile; leaving by an
-    exception or cancellation closes the stream, upon which the agent kills every child.
-    The streams are closed either way. No hello within ``handshake_timeout`` seconds
-    raises :class:`AgentLost`.
+    Performs the handshake and yields the :class:`Agent`. No hello within
+    ``handshake_timeout`` seconds raises :class:`AgentLost`.
+
+    Leaving the block normally shuts the agent down gracefully within a bound
+    (``Agent.aclose``): every process's stdin is closed and its unread output
+    discarded; processes still running ``shutdown_timeout`` seconds after the block's
+    end are killed (their process groups) and reaped; then the agent says goodbye. With
+    an agent that answers, that takes at most ``shutdown_timeout`` plus a few round
+    trips; one that does not finish within 10 s more is lost. :class:`AgentLost` is
+    raised if the agent was lost before or meanwhile. Leaving by an exception or
+    cancellation closes the stream at once, upon which the agent kills every child. The
+    streams are closed either way. Afterwards every request raises
+    :class:`AgentClosed`.
     """
     if receive_stream is None and hasattr(send_stream, "receive_into"):
         transport: Transport = send_stream  # type: ignore[assignment]
@@ -544,7 +718,8 @@ async def connect(
             )
         transport = StreamTransport(send_stream, receive)
     async with _serve(
-        transport, window=window, max_frame=max_frame, handshake_timeout=handshake_timeout
+        transport, window=window, max_frame=max_frame, handshake_timeout=handshake_timeout,
+        shutdown_timeout=shutdown_timeout,
     ) as agent:
         yield agent
 
@@ -569,9 +744,14 @@ async def open_agent(
     waits) raises :class:`AgentLost`. The agent's stderr goes to
     ours unless ``stderr`` says otherwise (a subprocess-style fd or DEVNULL).
 
-    Leaving the block shuts the agent down gracefully (see :func:`connect`), or, on an
-    exception or cancellation, closes its stdin so it kills every child; then waits for
-    the agent process to exit (killing it after ``shutdown_timeout`` seconds).
+    Leaving the block normally shuts the agent down gracefully within a bound (see
+    :func:`connect`): every process's stdin is closed and its unread output discarded;
+    processes still running ``shutdown_timeout`` seconds after the block's end are
+    killed (their process groups) and reaped; then the agent says goodbye and exits.
+    Leaving by an exception or cancellation closes the agent's stdin at once, upon which
+    it kills every child. Either way the agent process is then given ``shutdown_timeout``
+    seconds to exit and killed after. After the block every request raises
+    :class:`AgentClosed`.
 
     The agent runs in a process group of its own: Ctrl-C at a terminal reaches this
     process only (its KeyboardInterrupt or handler decides), not the agent or the ssh
@@ -599,18 +779,24 @@ async def open_agent(
     transport = FdTransport(from_agent_r, to_agent_w)
     try:
         async with _serve(
-            transport, window=window, max_frame=max_frame, handshake_timeout=handshake_timeout
+            transport, window=window, max_frame=max_frame, handshake_timeout=handshake_timeout,
+            shutdown_timeout=shutdown_timeout,
         ) as agent:
             agent.agent_pid = process.pid
             yield agent
     except AgentLost as exc:
-        with trio.CancelScope(shield=True), trio.move_on_after(shutdown_timeout):
-            await process.wait()
+        await _reap(process, shutdown_timeout)
         raise AgentLost(f"{exc} (agent exit status {process.returncode})") from None
     finally:
-        with trio.CancelScope(shield=True):
-            with trio.move_on_after(shutdown_timeout):
-                await process.wait()
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
+        await _reap(process, shutdown_timeout)
+
+
+async def _reap(process: trio.Process, timeout: float) -> None:
+    """Wait for the agent process to exit, killing it after ``timeout`` seconds; runs to
+    completion even when cancelled."""
+    with trio.CancelScope(shield=True):
+        with trio.move_on_after(timeout):
+            await process.wait()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

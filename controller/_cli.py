@@ -29,7 +29,7 @@ import trio
 import childproc
 from agent import __version__
 from agent._env import DEFAULT_KEEP, DEFAULT_REMOVE
-from protocol import CAP_STOP, LocalProtocolError
+from protocol import CAP_STOP
 
 from ._agent import Agent, _collapse, open_agent
 from ._errors import AgentError, RemoteError
@@ -513,8 +513,11 @@ async def _run(args: argparse.Namespace, command: list[str] | None,
                 extra_fds=sorted(fds),
                 drop_sudo_credentials=args.drop_sudo,
             )
-        except LocalProtocolError as exc:  # e.g. an empty --cwd or --unset name
-            raise _UsageError(exc.message) from None
+        except (ValueError, TypeError) as exc:  # what main()'s checks let through
+            raise _UsageError(str(exc)) from None
+        except OSError as exc:  # E2BIG: arguments beyond the agent's frame limit
+            print(f"mproxy-exec: {_shown(args.program[0])}: {exc.strerror}", file=sys.stderr)
+            return 126  # what a shell exits with when exec fails so
         async with process:
             try:
                 await process._wait_started()

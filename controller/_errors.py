@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import trio
 
-__all__ = ["AgentError", "AgentLost", "RemoteError"]
+__all__ = ["AgentClosed", "AgentError", "AgentLost", "RemoteError"]
 
 
 class AgentError(Exception):
@@ -15,6 +15,12 @@ class AgentLost(AgentError, trio.BrokenResourceError):
     """The agent went away (its process died, the ssh link dropped, it broke the
     protocol) before answering. Raised from every pending and later call: a lost exit
     status is never reported as a number."""
+
+
+class AgentClosed(AgentError, trio.ClosedResourceError):
+    """The agent was closed: its block has ended (or ``aclose()`` was called), so it takes
+    no new requests. Raised at once by every later call (``open_process``,
+    ``run_process``, ``ping``, ``configure_env``); a new block opens a new agent."""
 
 
 class RemoteError(AgentError):

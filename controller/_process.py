@@ -6,8 +6,9 @@ import errno as errno_module
 import os
 import signal as signal_module
 from collections import deque
+from collections.abc import Awaitable, Generator
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -35,14 +36,62 @@ def signal_name(sig: signal_module.Signals | int | str) -> str:
     """The wire name of a signal: "TERM" for signal.SIGTERM, 15, "SIGTERM" or "term".
 
     Raises ValueError for a signal the protocol cannot carry (an unknown name or number,
-    a real-time signal)."""
+    a real-time signal), TypeError for what is no signal at all (a float, a bool)."""
     if isinstance(sig, str):
         name = sig.upper().removeprefix("SIG")
+    elif isinstance(sig, int) and not isinstance(sig, bool):
+        try:
+            name = signal_module.Signals(sig).name.removeprefix("SIG")
+        except ValueError:
+            raise ValueError(f"not a signal the protocol can carry: {sig!r}") from None
     else:
-        name = signal_module.Signals(sig).name.removeprefix("SIG")
+        raise TypeError(
+            f"a signal is a signal.Signals, an int or a name, not {type(sig).__name__}"
+        )
     if name not in SIGNAL_NAMES:
         raise ValueError(f"not a signal the protocol can carry: {sig!r}")
     return name
+
+
+class _SignalDelivery:
+    """One signal sent to a child (what ``send_signal`` returns). Awaiting it waits for
+    the agent's acknowledgement and raises the OSError of a failed delivery; a failure
+    that nobody has awaited when the acknowledgement arrives is raised by the process's
+    next ``wait()`` instead."""
+
+    def __init__(self, process: RemoteProcess, name: str) -> None:
+        self._process = process
+        self._name = name
+        self._done = trio.Event()  # answered, or the agent was lost
+        self._answered = False
+        self._awaited = False
+        self.error: OSError | None = None
+
+    def _answer(self, errno_name: str | None) -> None:
+        """The agent's answer: None when delivered. ESRCH (the child exited meanwhile)
+        counts as delivered, as a signal to an exited Popen is a no-op."""
+        if errno_name is not None and errno_name != "ESRCH":
+            self.error = OSError(getattr(errno_module, errno_name, 0),
+                                 f"signal {self._name} to process {self._process._pid}: "
+                                 f"{errno_name}")
+        self._answered = True
+        self._done.set()
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return self._wait().__await__()
+
+    async def _wait(self) -> None:
+        self._awaited = True
+        try:
+            await self._done.wait()
+        except trio.Cancelled:
+            self._awaited = False  # a failure still to come is wait()'s to raise
+            raise
+        if not self._answered:
+            self._process._agent.raise_if_lost()
+        self._process._claim(self)
+        if self.error is not None:
+            raise self.error
 
 
 class RemoteProcess:
@@ -64,7 +113,7 @@ class RemoteProcess:
         self._agent = agent
         self.id = id
         self.args = args
-        self.pid: int | None = None
+        self._pid: int | None = None  # None until started: only before open_process returns
         self.returncode: int | None = None
         self.exit_code: int | None = None
         self.signal: str | None = None  # name of the signal that killed it
@@ -79,8 +128,9 @@ class RemoteProcess:
         self._started = trio.Event()
         self._exited = trio.Event()
         self._released = trio.Event()  # the agent sent closed (or is lost)
-        self._signal_waiters: deque[trio.Event] = deque()
-        self._signal_results: dict[trio.Event, str | None] = {}
+        self._wait_lot = trio.lowlevel.ParkingLot()  # wait(): an exit, a failed delivery
+        self._signal_waiters: deque[_SignalDelivery] = deque()  # sent, not yet answered
+        self._undelivered: deque[_SignalDelivery] = deque()  # failed, nobody awaited them
         self._stdin = _Outgoing(agent, self, 0)
         self._outputs = {1: _Incoming(agent, self, 1), 2: _Incoming(agent, self, 2)}
         self._fd_out = {n: _Outgoing(agent, self, n) for n in fds}
@@ -93,12 +143,22 @@ class RemoteProcess:
 
     def __repr__(self) -> str:
         state = f"returncode={self.returncode}" if self.returncode is not None else "running"
-        return f"<RemoteProcess id={self.id} pid={self.pid} {self.args!r}: {state}>"
+        return f"<RemoteProcess id={self.id} pid={self._pid} {self.args!r}: {state}>"
+
+    @property
+    def pid(self) -> int:
+        """The child's process id on the agent's machine, also its process group's id.
+
+        A process from open_process has started; one seen in ``Agent.processes`` may
+        not have yet, and raises RuntimeError until it has."""
+        if self._pid is None:
+            raise RuntimeError(f"process {self.id} has not started yet")
+        return self._pid
 
     # ------------------------------------------------------------------ frames in
 
     def _on_started(self, pid: int, uid: int | None, gid: int | None) -> None:
-        self.pid = pid
+        self._pid = pid
         self.uid = uid
         self.gid = gid
         self._started.set()
@@ -111,6 +171,7 @@ class RemoteProcess:
         self.returncode = -int(number) if number is not None else code
         self._exited.set()
         self._started.set()
+        self._wait_lot.unpark_all()
 
     def _on_data(self, ch: int, data: bytes | memoryview) -> None:
         self._outputs[ch].feed(data)
@@ -140,16 +201,25 @@ class RemoteProcess:
             self.errors.append(error)
 
     def _signal_done(self, errno_name: str | None) -> None:
-        event = self._signal_waiters.popleft()
-        self._signal_results[event] = errno_name
-        event.set()
+        delivery = self._signal_waiters.popleft()
+        delivery._answer(errno_name)
+        if delivery.error is not None and not delivery._awaited:
+            self._undelivered.append(delivery)
+            self._wait_lot.unpark_all()
+
+    def _claim(self, delivery: _SignalDelivery) -> None:
+        """``delivery``'s failure is its awaiter's to raise, not wait()'s."""
+        if delivery in self._undelivered:
+            self._undelivered.remove(delivery)
 
     def _on_closed(self) -> None:
         self._released.set()
 
     def _on_lost(self) -> None:
-        for event in (self._started, self._exited, self._released, *self._signal_waiters):
+        for event in (self._started, self._exited, self._released,
+                      *(delivery._done for delivery in self._signal_waiters)):
             event.set()
+        self._wait_lot.unpark_all()
         self.credit_lot.unpark_all()
         for incoming in self._outputs.values():
             incoming.wake()
@@ -166,48 +236,58 @@ class RemoteProcess:
         """Wait for the child to exit; return ``returncode``. Raises AgentLost if the
         agent goes away first. Cancelling the wait leaves the child running.
 
+        A signal whose delivery failed (``send_signal`` returned, and nobody awaited
+        what it returned) makes the next ``wait()`` raise its OSError, at once if the
+        wait is pending: so ``proc.terminate(); await proc.wait()`` cannot wait for
+        ever on a signal that was refused (EPERM).
+
         The exit arrives after everything the child wrote before it (the protocol's
         ordering), so output nobody reads beyond a stream's window (4 MiB) holds it
         back, as a full pipe holds back a writer. Read such a stream, or ``aclose()`` it
         to discard what comes, before waiting."""
-        await self._exited.wait()
-        if self.returncode is None:
+        await trio.lowlevel.checkpoint()
+        while self.returncode is None and not self._undelivered:
             self._agent.raise_if_lost()
+            await self._wait_lot.park()
+        if self._undelivered:
+            error = self._undelivered.popleft().error
+            assert error is not None
+            raise error
         assert self.returncode is not None
         return self.returncode
 
     def poll(self) -> int | None:
         return self.returncode
 
-    async def send_signal(self, sig: signal_module.Signals | int | str) -> None:
-        """Deliver ``sig`` to the child's process group and wait for the agent's
-        acknowledgement. A no-op once the child has exited (as with Popen). Raises
-        OSError with the errno the agent reported (EPERM, ...), ValueError for a signal
-        the protocol cannot carry."""
-        name = signal_name(sig)
-        if self.returncode is not None or self.closed:
-            await trio.lowlevel.checkpoint()
-            return
-        self._agent.raise_if_lost()
-        event = trio.Event()
-        # Queued only once the frame is sent: acks are matched to waiters in order.
+    def send_signal(self, sig: signal_module.Signals | int | str) -> Awaitable[None]:
+        """Send ``sig`` to the child's process group, like :meth:`trio.Process.send_signal`:
+        the frame is queued at once and the call returns without waiting. A no-op once
+        the child has exited (as with Popen); ``0`` (an existence check in trio) sends
+        nothing.
+
+        Returns an awaitable: awaiting it waits for the agent's acknowledgement and
+        raises OSError with the errno the agent reported (EPERM, ...). A failure nobody
+        awaits is raised by the next :meth:`wait`. Raises ValueError for a signal the
+        protocol cannot carry, TypeError for a float or a bool, AgentLost if the agent
+        is lost."""
+        is_zero = isinstance(sig, int) and not isinstance(sig, bool) and sig == 0
+        name = "0" if is_zero else signal_name(sig)
+        delivery = _SignalDelivery(self, name)
+        if is_zero or self.returncode is not None or self.closed:
+            delivery._answer(None)
+            return delivery
+        # Queued only once the frame is sent: answers are matched to deliveries in order.
         self._agent.send(Signal(self.id, name))
-        self._signal_waiters.append(event)
-        await event.wait()
-        self._agent.raise_if_lost()
-        errno_name = self._signal_results.pop(event, None)
-        if errno_name is None or (errno_name == "ESRCH" and self.returncode is not None):
-            return
-        if errno_name == "ESRCH":
-            return  # exited meanwhile
-        number = getattr(errno_module, errno_name, 0)
-        raise OSError(number, f"signal {name} to process {self.pid}: {errno_name}")
+        self._signal_waiters.append(delivery)
+        return delivery
 
-    async def terminate(self) -> None:
-        await self.send_signal("TERM")
+    def terminate(self) -> Awaitable[None]:
+        """``send_signal(signal.SIGTERM)``."""
+        return self.send_signal("TERM")
 
-    async def kill(self) -> None:
-        await self.send_signal("KILL")
+    def kill(self) -> Awaitable[None]:
+        """``send_signal(signal.SIGKILL)``."""
+        return self.send_signal("KILL")
 
     async def aclose(self) -> None:
         """Discard unread output, kill the child's group if it is still running, wait for
@@ -222,8 +302,8 @@ class RemoteProcess:
         with trio.CancelScope(shield=True), trio.move_on_after(_KILL_WAIT):
             if not self.closed and not self._agent.lost:
                 self._close_streams()
-                if self.returncode is None and self.pid is not None:
-                    await self.kill()
+                if self.returncode is None and self._pid is not None:
+                    self.kill()
                 await self._exited.wait()
             self._release()
             await self._released.wait()

@@ -308,7 +308,7 @@ async def _echo_during_flood(agent: controller.Agent, count: int) -> list[float]
             nursery.start_soon(_read_all, flood.stdout)
             times = await _agent_echo(agent, count)
             nursery.cancel_scope.cancel()
-        await flood.kill()
+        flood.kill()
     return times
 
 

@@ -96,12 +96,11 @@ class Demo:
         argv = ["sh", "-c", "sleep 100 & sleep 100 & wait"]
         async with await self.agent.open_process(argv) as proc:
             self.commands += 1
-            assert proc.pid is not None
             group = proc.pid  # the agent makes each child a process group leader
             members = await wait_for_group(group, lambda pids: len(pids) == 3)
             say(f"  {shlex.join(argv)}: group {group} = "
                 + ", ".join(f"{command_name(p)}[{p}]" for p in sorted(members)))
-            await proc.send_signal("TERM")
+            proc.send_signal("TERM")  # queued at once, as in trio
             code = await proc.wait()
             left = await wait_for_group(group, lambda pids: not pids)
             say(f"  TERM -> the shell ended by SIG{proc.signal} (exit code {proc.exit_code}); "

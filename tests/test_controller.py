@@ -30,10 +30,13 @@ from protocol import (
     Connection,
     Eof,
     Exec,
+    Exit,
     Frame,
     Ping,
     Pong,
     Role,
+    Signal,
+    SignalAck,
     Started,
     Window,
 )
@@ -461,15 +464,16 @@ async def test_signal_is_handled_by_the_child(any_agent: controller.Agent) -> No
 
 
 async def test_terminate_kill_and_default_actions(any_agent: controller.Agent) -> None:
+    # Plain methods, as in trio: the frame is queued by the call, nothing to await.
     with trio.fail_after(20):
         for action, number in [("terminate", 15), ("kill", 9), ("USR1", 10)]:
             async with await any_agent.open_process(["sleep", "100"]) as proc:
                 if action == "terminate":
-                    await proc.terminate()
+                    proc.terminate()
                 elif action == "kill":
-                    await proc.kill()
+                    proc.kill()
                 else:
-                    await proc.send_signal(action)
+                    proc.send_signal(action)
                 assert await proc.wait() == -number
                 assert proc.exit_code == 128 + number
                 assert proc.signal == signal.Signals(number).name.removeprefix("SIG")
@@ -506,6 +510,69 @@ async def test_signal_to_an_exited_process_is_a_no_op(any_agent: controller.Agen
             assert (proc.returncode, proc.exit_code, proc.signal) == (3, 3, None)
         await proc.kill()  # after release too
         assert proc.returncode == 3
+
+
+async def test_signal_0_checks_nothing_and_sends_nothing(any_agent: controller.Agent) -> None:
+    # trio allows it (an existence check): nothing to deliver, the child runs on.
+    with trio.fail_after(10):
+        async with await any_agent.open_process(["sleep", "100"]) as proc:
+            proc.send_signal(0)
+            await proc.send_signal(0)
+            assert not proc._signal_waiters
+            assert proc.returncode is None
+            proc.kill()
+            assert await proc.wait() == -signal.SIGKILL
+
+
+async def test_signal_that_is_not_a_number_or_name_raises_typeerror(
+    any_agent: controller.Agent,
+) -> None:
+    with trio.fail_after(10):
+        async with await any_agent.open_process(["sleep", "100"]) as proc:
+            for bad in (9.0, True, 0.0, None):
+                with pytest.raises(TypeError, match=r"a signal is a signal\.Signals, an int"):
+                    proc.send_signal(bad)  # type: ignore[arg-type]
+            assert proc.returncode is None and not proc._signal_waiters
+            proc.kill()
+            assert await proc.wait() == -signal.SIGKILL
+
+
+async def refusing_agent(peer: _ScriptedAgent) -> None:
+    """An agent that starts nothing and refuses every signal with EPERM; the child
+    "exits" 7 when the test pings."""
+    exec_ = await peer.receive(Exec)
+    await peer.send(Started(exec_.id, pid=4242))
+    while True:
+        frame = await peer.receive(Frame)
+        if isinstance(frame, Signal):
+            await peer.send(SignalAck(frame.id, frame.sig, errno="EPERM"))
+        elif isinstance(frame, Ping):
+            await peer.send(Exit(exec_.id, code=7))
+            await peer.send(Pong(frame.n))
+
+
+async def test_a_refused_signal_nobody_awaits_is_raised_by_wait() -> None:
+    # trio code as written: kill(), then wait(). The refusal must not leave the wait
+    # waiting for an exit that will not come.
+    agent_side, controller_side = trio.testing.memory_stream_pair()
+    peer = _ScriptedAgent(agent_side)
+    with trio.fail_after(10):
+        await agent_side.send_all(peer.conn.initiate())  # connect() waits for it
+        async with trio.open_nursery() as nursery, controller.connect(controller_side) as ag:
+            nursery.start_soon(refusing_agent, peer)
+            proc = await ag.open_process(["anything"])
+            proc.terminate()
+            with pytest.raises(PermissionError, match="signal TERM to process 4242: EPERM"):
+                await proc.wait()
+            # Awaited, a refusal is the awaiter's: wait() does not raise it again.
+            with pytest.raises(PermissionError, match="signal KILL"):
+                await proc.kill()
+            delivery = proc.send_signal("USR1")
+            with pytest.raises(PermissionError, match="signal USR1"):
+                await delivery
+            await ag.ping()  # the child exits
+            assert await proc.wait() == 7
+            nursery.cancel_scope.cancel()
 
 
 async def test_signal_the_protocol_cannot_carry_raises_valueerror(
@@ -1078,8 +1145,10 @@ async def test_agent_death_fails_pending_and_later_calls() -> None:
                                        lambda: conn.run_process(["sleep", "100"]))
                     await wait_until(lambda: conn.conn.send_credit(stuck.id, 0) == 0,
                                      what="stdin blocked on credit")
+                    # _pid: run_process's process is not started at first (pid is an
+                    # int once it is, and a user gets a process only then).
                     await wait_until(lambda: len(conn.processes) == 3 and all(
-                        p.pid for p in conn.processes.values()), what="run_process started")
+                        p._pid for p in conn.processes.values()), what="run_process started")
                     await trio.testing.wait_all_tasks_blocked()
                     assert outcomes == {}
                     os.kill(agent_pid, signal.SIGKILL)
