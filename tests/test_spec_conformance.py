@@ -93,7 +93,7 @@ def test_second_hello_is_a_frame_level_handshake_error(spec: SpecAgent) -> None:
 
 def _fatal(new_agent: NewAgent, raw: bytes, *, hello_first: bool = True,
            close: bool = False) -> tuple[Frame, SpecAgent]:
-    """Section 3: the agent reports the error, its output ends, status 1."""
+    """Section 3: the error is the agent's last frame, its output ends, status 1."""
     spec = new_agent(send_hello=hello_first)
     if hello_first:
         spec.round_trip()
@@ -101,7 +101,8 @@ def _fatal(new_agent: NewAgent, raw: bytes, *, hello_first: bool = True,
     if close:
         spec.close_input()
     assert spec.wait() == 1
-    error = next(f for f in spec.received if f["t"] == "error")
+    assert spec.received[-1]["t"] == "error", spec.received[-3:]
+    error = spec.received[-1]
     assert error["kind"] in STREAM_LEVEL
     assert "id" not in error
     assert_no_python_internals(error["msg"])
@@ -134,6 +135,13 @@ def test_stream_level_errors(new_agent: NewAgent, name: str, raw: bytes, kind: s
     assert error["kind"] == kind
     assert words in error["msg"], error
     assert "ref" not in error  # no frame could be named
+
+
+def test_nothing_is_written_after_a_fatal_error(new_agent: NewAgent) -> None:
+    # Sections 3 and 4.10: not even a log frame.
+    _, spec = _fatal(new_agent, b"\0\0\0\0")
+    assert [f["t"] for f in spec.received[-2:]] == ["pong", "error"]
+    assert "protocol error" in spec.stderr()
 
 
 # ---------------------------------------------------------------------------- 11.3 exit status
