@@ -283,6 +283,8 @@ def test_bad_first_frame_is_a_fatal_handshake_error(body: dict[str, Any], fragme
     exc = remote_error(conn, len(packed).to_bytes(4, "big") + packed, fatal=True)
     assert exc.kind is ErrorKind.HANDSHAKE
     assert exc.message.startswith(fragment)
+    assert exc.ref == body["t"]  # like every error about a frame that could be read
+    assert exc.id is None
 
 
 def test_undecodable_first_frame() -> None:

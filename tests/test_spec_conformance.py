@@ -111,6 +111,9 @@ def _fatal(new_agent: NewAgent, raw: bytes, *, hello_first: bool = True,
 
 @pytest.mark.parametrize(("name", "raw", "kind", "ref"), [
     ("first frame not a hello", pack({"t": "ping", "n": 1}), "handshake", "ping"),
+    ("hello without impl", pack({"t": "hello", "version": 1}), "handshake", "hello"),
+    ("hello with a small max_frame", pack({**hello(), "max_frame": 1000}), "handshake",
+     "hello"),
     ("hello of our own role", pack({**hello(), "role": "agent"}), "handshake", "hello"),
     ("another version", pack({"t": "hello", "version": 2}), "version-mismatch", "hello"),
 ])
