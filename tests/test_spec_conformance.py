@@ -131,6 +131,13 @@ def _body(raw: bytes) -> bytes:
 @pytest.mark.parametrize(("name", "raw", "kind", "words"), [
     ("empty frame", b"\0\0\0\0", "malformed", "empty frame"),
     ("oversized", (4 << 20 | 1).to_bytes(4, "big"), "frame-too-large", "limit"),
+    ("reserved byte", _body(b"\xc1"), "malformed", "0xc1"),
+    ("truncated value", _body(b"\x82\xa1t"), "malformed", "ends inside"),
+    ("trailing bytes", _body(b"\x81\xa1t\xa4ping\xc0"), "malformed", "more bytes follow"),
+    ("array body", _body(b"\x91\x01"), "malformed", "array, not a map"),
+    ("nil body", _body(b"\xc0"), "malformed", "nil, not a map"),
+    ("integer key", _body(b"\x82\xa1t\xa4ping\x07\x01"), "malformed", "integer"),
+    ("nested too deep", _body(b"\x81\xa1x" + b"\x91" * 5000 + b"\xc0"), "malformed", "deep"),
 ])
 def test_stream_level_errors(new_agent: NewAgent, name: str, raw: bytes, kind: str,
                              words: str) -> None:
