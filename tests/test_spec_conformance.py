@@ -157,6 +157,30 @@ def test_nothing_is_written_after_a_fatal_error(new_agent: NewAgent) -> None:
 # ---------------------------------------------------------------------------- 11.3 exit status
 
 
+def test_exit_status_when_the_controller_is_lost(new_agent: NewAgent) -> None:
+    # Section 11.3's table (a fatal protocol error: test_stream_level_errors).
+    eof = new_agent()
+    eof.round_trip()
+    eof.close_input()
+    assert eof.wait() == 0
+
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signalled = new_agent()
+        signalled.round_trip()
+        signalled.proc.send_signal(signum)
+        assert signalled.wait() == 0, signum
+
+    epipe = new_agent()
+    epipe.round_trip()
+    assert epipe.proc.stdout is not None
+    epipe.proc.stdout.close()
+    epipe.eof = True
+    epipe.send({"t": "ping", "n": 1})  # the pong meets EPIPE
+    assert epipe.proc.wait(15) == 0
+
+    assert _fatal(new_agent, pack({"t": "ping", "n": 1})[:6], close=True)[1].wait() == 1
+
+
 # ---------------------------------------------------------------------------- 4 frame-level
 
 
