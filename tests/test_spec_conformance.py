@@ -147,6 +147,14 @@ def test_stream_level_errors(new_agent: NewAgent, name: str, raw: bytes, kind: s
     assert "ref" not in error  # no frame could be named
 
 
+def test_stream_ending_inside_a_frame_is_reported(new_agent: NewAgent) -> None:
+    # Sections 1 and 3: the agent still tells the controller, which may only have closed
+    # its own direction.
+    error, _ = _fatal(new_agent, pack({"t": "ping", "n": 1})[:6], close=True)
+    assert error["kind"] == "malformed"
+    assert "inside a frame" in error["msg"]
+
+
 def test_nothing_is_written_after_a_fatal_error(new_agent: NewAgent) -> None:
     # Sections 3 and 4.10: not even a log frame.
     _, spec = _fatal(new_agent, b"\0\0\0\0")
