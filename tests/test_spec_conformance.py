@@ -401,6 +401,13 @@ def test_missing_interpreter_is_127(spec: SpecAgent, tmp_path: Path) -> None:
     assert "/no/such/sh" in error["msg"]
 
 
+def test_missing_cwd_is_enoent_with_126(spec: SpecAgent) -> None:
+    # Section 6.1: only a program not found is 127.
+    error, exit_frame = _spawn_failure(spec, argv=_argv("true"), cwd=b"/no/such/dir")
+    assert (error["errno"], exit_frame["code"]) == ("ENOENT", 126)
+    assert "/no/such/dir" in error["msg"]
+
+
 def test_program_not_executable_is_126(spec: SpecAgent, tmp_path: Path) -> None:
     script = tmp_path / "script"
     script.write_text("#!/bin/sh\n")
