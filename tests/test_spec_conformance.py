@@ -419,6 +419,20 @@ def test_program_not_executable_is_126(spec: SpecAgent, tmp_path: Path) -> None:
     assert (error["errno"], exit_frame["code"]) == ("EACCES", 126)
 
 
+def test_program_search_without_path(spec: SpecAgent, tmp_path: Path) -> None:
+    # Section 4.2: without PATH in the child's environment, /bin and /usr/bin.
+    exit_frame, out, _ = spec.run(1, _argv("env"), env=[])  # /usr/bin/env
+    assert (exit_frame["code"], out) == (0, b"")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "only-here").write_text("#!/bin/sh\necho found\n")
+    (bin_dir / "only-here").chmod(0o755)
+    exit_frame, out, _ = spec.run(2, _argv("only-here"), env=[b"PATH=" + os.fsencode(bin_dir)])
+    assert out == b"found\n"
+    _, exit_frame = _spawn_failure(spec, argv=_argv("only-here"), env=[b"X=1"])
+    assert exit_frame["code"] == 127
+
+
 # ---------------------------------------------------------------------------- 9 signals
 
 
