@@ -433,6 +433,22 @@ def test_program_search_without_path(spec: SpecAgent, tmp_path: Path) -> None:
     assert exit_frame["code"] == 127
 
 
+def test_too_many_children_must_still_be_closed(new_agent: NewAgent) -> None:
+    # Section 6.1: a refused exec exists (exit 126, id in use) until its close.
+    spec = new_agent("--max-children", "1")
+    spec.send({"t": "exec", "id": 1, "argv": _argv("sleep", "30")})
+    spec.expect("started", id=1)
+    spec.send({"t": "exec", "id": 2, "argv": _argv("true")})
+    spec.expect_error("too-many-children", id=2, ref="exec")
+    assert spec.expect("exit", id=2)["code"] == 126
+    spec.send({"t": "exec", "id": 2, "argv": _argv("true")})
+    spec.expect_error("duplicate-id", id=2, ref="exec")
+    spec.close(2)
+    spec.close(1)
+    assert spec.expect("exit", id=1)["code"] == 137
+    assert spec.run(2, _argv("true"))[0]["code"] == 0
+
+
 # ---------------------------------------------------------------------------- 9 signals
 
 
@@ -592,6 +608,24 @@ def test_env_policy_and_exec_env_fields(new_agent: NewAgent) -> None:
 def test_ping_pong(spec: SpecAgent) -> None:
     for n in (0, 2**64 - 1):
         spec.round_trip(n)
+
+
+def test_shutdown_goodbye(spec: SpecAgent) -> None:
+    spec.send({"t": "exec", "id": 1, "argv": _argv("cat")})
+    spec.expect("started", id=1)
+    spec.send({"t": "shutdown"})
+    spec.send({"t": "exec", "id": 2, "argv": _argv("true")})
+    spec.expect_error("shutting-down", id=2, ref="exec")
+    # Section 6.1: a shutting-down exec never existed.
+    spec.send({"t": "close", "id": 2})
+    spec.expect_error("unknown-child", id=2, ref="close")
+    spec.round_trip()  # the running child still works
+    spec.send({"t": "data", "id": 1, "ch": 0, "d": b"last words"})
+    spec.send({"t": "eof", "id": 1, "ch": 0, "n": 10})
+    assert spec.output(1) == b"last words"
+    assert spec.expect("exit", id=1)["code"] == 0
+    assert spec.wait() == 0
+    assert spec.received[-1] == {"t": "goodbye"}
 
 
 def test_shutdown_then_eof_is_a_half_close(spec: SpecAgent) -> None:
