@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import stat
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -461,6 +462,16 @@ def test_signal_is_acked_and_kills(spec: SpecAgent) -> None:
     exit_frame = spec.expect("exit", id=1)
     assert (exit_frame["code"], exit_frame["sig"]) == (128 + signal.SIGTERM, "TERM")
     spec.close(1)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux signal numbers")
+@pytest.mark.parametrize(("number", "name"), [(16, "STKFLT"), (34, "RTMIN"), (35, "35")])
+def test_exit_signal_names_outside_section_9(spec: SpecAgent, number: int,
+                                             name: str) -> None:
+    # Section 4.9: the agent's OS's name (outside section 9's list), or the number.
+    code = f"import os; os.kill(os.getpid(), {number})"
+    exit_frame, _, _ = spec.run(1, [sys.executable.encode(), b"-c", code.encode()])
+    assert (exit_frame["code"], exit_frame["sig"]) == (128 + number, name)
 
 
 def test_close_kills_a_running_child(spec: SpecAgent) -> None:
