@@ -570,6 +570,22 @@ def test_stop_ends_a_channel_with_its_eof(spec: SpecAgent) -> None:
     spec.expect_error("unknown-child", id=1, ref="stop")
 
 
+def test_stop_twice_and_windows_after_eof(spec: SpecAgent) -> None:
+    spec.send({"t": "exec", "id": 1, "argv": _argv("sleep", "30")})
+    spec.expect("started", id=1)
+    spec.stopped.add((1, 2))
+    # In one write, so that both arrive before the agent's eof can cross the second.
+    spec.send_raw(pack({"t": "stop", "id": 1, "ch": 2}) + pack({"t": "stop", "id": 1, "ch": 2}))
+    error = spec.expect_error("bad-frame", id=1, ref="stop")
+    assert "already stopped" in error["msg"]
+    spec.expect("eof", id=1, ch=2, n=0)
+    # Section 4.6: a window that crosses the channel's eof is dropped silently.
+    spec.send({"t": "window", "id": 1, "ch": 2, "n": 100})
+    spec.round_trip()
+    assert not [f for f in spec.pending if f["t"] == "error"]
+    spec.close(1)
+
+
 def test_ten_interleaved_children(spec: SpecAgent) -> None:
     for id in range(1, 11):
         spec.send({"t": "exec", "id": id, "argv": _argv("cat")})
