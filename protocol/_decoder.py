@@ -12,6 +12,7 @@ from ._codec import (
     MAX_ID,
     FrameInvalid,
     decode_body,
+    msgpack_type,
     unpack_length,
 )
 from ._errors import ErrorKind, RemoteProtocolError
@@ -142,7 +143,7 @@ def _decode_frame(body_view: memoryview, length: int) -> Frame:
     if type(body) is not dict:
         raise RemoteProtocolError(
             ErrorKind.MALFORMED,
-            f"frame body is a msgpack {_msgpack_type(body)}, not a map",
+            f"frame body is a msgpack {msgpack_type(body)}, not a map",
             fatal=True,
         )
     try:
@@ -161,14 +162,10 @@ def _decode_frame(body_view: memoryview, length: int) -> Frame:
 
 # The unpacker's stack: arrays and maps nested deeper than this are refused.
 _MAX_NESTING: Final = 1024
-_MSGPACK_TYPES: Final = {"int": "integer", "str": "str", "bytes": "bin", "NoneType": "nil",
-                         "bool": "boolean", "float": "float", "list": "array", "dict": "map",
-                         "ExtType": "ext", "Timestamp": "timestamp"}
-
-
-def _msgpack_type(value: object) -> str:
-    """The msgpack name of an unpacked value's type (the peer's terms, not Python's)."""
-    return _MSGPACK_TYPES.get(type(value).__name__, "value")
+# msgpack's refusal of a map key names the key's Python type.
+_KEY_TYPES: Final = {"int": "integer", "NoneType": "nil", "bool": "boolean", "float": "float",
+                     "list": "array", "tuple": "array", "dict": "map", "ExtType": "ext",
+                     "Timestamp": "timestamp"}
 
 
 def _why_unpack_failed(exc: Exception) -> str:
@@ -184,7 +181,7 @@ def _why_unpack_failed(exc: Exception) -> str:
     if text.endswith("is not allowed for map key when strict_map_key=True"):
         # Refused while unpacking: a map of colliding integer keys would make
         # decoding quadratic. "int is not allowed ..." names the key's Python type.
-        key_type = _MSGPACK_TYPES.get(text.split(" ", 1)[0], "value")
+        key_type = _KEY_TYPES.get(text.split(" ", 1)[0], "value")
         return f" with str or bin map keys: a map key is a msgpack {key_type}"
     if text == "Unpack failed: incomplete input" or " exceeds max_" in text:
         # max_*_len is the body's own length: a count beyond it cannot be there.

@@ -215,6 +215,10 @@ def _argv(*words: str) -> list[bytes]:
     ({"t": "exec", "id": 1, "argv": [b"true"], "fds": [2**31]}, "bad-fd", "range"),
     ({"t": "exec", "id": 1, "argv": [b"true"], "fds": [4, 4]}, "bad-fd", "twice"),
     ({"t": "exec", "id": True, "argv": [b"true"]}, "bad-frame", "'id'"),
+    # Section 3: values are named by their msgpack types.
+    ({"t": "exec", "id": 1, "argv": [b"true"], "fds": ["3"]}, "bad-frame", "not array ['3']"),
+    ({"t": "ping", "n": -1}, "bad-frame", "not integer -1"),
+    ({"t": "ping", "n": [None]}, "bad-frame", "not array [None]"),
     ({"t": "started", "id": 1, "pid": 5}, "bad-frame", "not sent by the controller"),
     ({"t": "goodbye"}, "bad-frame", "not sent by the controller"),
     ({"t": "config", "env_keep": [""]}, "bad-frame", "empty pattern"),
