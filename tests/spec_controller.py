@@ -215,18 +215,7 @@ class SpecAgent:
 
     def expect(self, t: str, *, timeout: float = _TIMEOUT, **fields: object) -> Frame:
         """The first frame of type ``t`` with these field values, received or to come."""
-        deadline = time.monotonic() + timeout
-
-        def matches(frame: Frame) -> bool:
-            return frame["t"] == t and all(frame.get(k) == v for k, v in fields.items())
-
-        while True:
-            for frame in self.pending:
-                if matches(frame):
-                    self.pending.remove(frame)
-                    return frame
-            if self.next_frame(max(0.0, deadline - time.monotonic())) is None:
-                raise AssertionError(f"EOF while waiting for {t} {fields}; got {self.pending}")
+        return self.expect_any({t}, timeout=timeout, **fields)
 
     def expect_error(self, kind: str, **fields: Any) -> Frame:
         return self.expect("error", kind=kind, **fields)
@@ -247,15 +236,18 @@ class SpecAgent:
                 return data
             chunks.append(frame["d"])
 
-    def expect_any(self, types: set[str], **fields: object) -> Frame:
-        deadline = time.monotonic() + _TIMEOUT
+    def expect_any(self, types: set[str], *, timeout: float = _TIMEOUT,
+                   **fields: object) -> Frame:
+        """Like :meth:`expect`, for a frame of any of ``types``."""
+        deadline = time.monotonic() + timeout
         while True:
             for frame in self.pending:
                 if frame["t"] in types and all(frame.get(k) == v for k, v in fields.items()):
                     self.pending.remove(frame)
                     return frame
             if self.next_frame(max(0.0, deadline - time.monotonic())) is None:
-                raise AssertionError(f"EOF while waiting for {types} {fields}")
+                raise AssertionError(f"EOF while waiting for {types} {fields}; "
+                                     f"got {self.pending}")
 
     def run(self, id: int, argv: Sequence[bytes], stdin: bytes = b"",
             **exec_fields: Any) -> tuple[Frame, bytes, bytes]:
