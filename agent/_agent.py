@@ -294,9 +294,11 @@ class Agent:
                     if isinstance(event, RemoteProtocolError):
                         self.send(Error.from_exception(event))
                         if event.fatal:
+                            # Stopped first, so the log goes to stderr: the error must be
+                            # the last frame (protocol.md section 3).
+                            self.stop(f"protocol error: {event.message}", status=1)
                             self.log("error", "protocol error, closing", kind=event.kind,
                                      detail=event.message)
-                            self.stop(f"protocol error: {event.message}", status=1)
                             return
                         self.log("warning", "rejected a frame", kind=event.kind,
                                  detail=event.message)

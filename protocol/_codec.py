@@ -333,11 +333,26 @@ _REPR.maxlevel = 3
 _REPR.maxstring = _REPR.maxother = 40
 
 
+_MSGPACK_TYPES: Final = {int: "integer", str: "str", bytes: "bin", type(None): "nil",
+                         bool: "boolean", float: "float", list: "array", dict: "map",
+                         msgpack.ExtType: "ext", msgpack.Timestamp: "timestamp"}
+
+
+def msgpack_type(value: object) -> str:
+    """The msgpack name of an unpacked value's type: the peer's terms, not Python's."""
+    return _MSGPACK_TYPES.get(type(value), "value")
+
+
 def _describe(value: object) -> str:
+    """A peer's value in an error message: its msgpack type and a short rendering."""
+    if isinstance(value, msgpack.ExtType):
+        return f"ext of type {value.code}"
+    if isinstance(value, msgpack.Timestamp):
+        return "timestamp"
     text = _REPR.repr(value)
     if len(text) > 40:
         text = text[:37] + "..."
-    return f"{type(value).__name__} {text}"
+    return f"{msgpack_type(value)} {text}"
 
 
 def _clip(text: str) -> str:

@@ -293,7 +293,8 @@ class Connection:
                         )
                     else:
                         exc = RemoteProtocolError(
-                            ErrorKind.HANDSHAKE, f"bad first frame: {exc.message}", fatal=True
+                            ErrorKind.HANDSHAKE, f"bad first frame: {exc.message}",
+                            ref=exc.ref, fatal=True,
                         )
                     self._fatal = exc
                 elif exc.kind is ErrorKind.VERSION_MISMATCH:

@@ -12,6 +12,7 @@ from ._codec import (
     MAX_ID,
     FrameInvalid,
     decode_body,
+    msgpack_type,
     unpack_length,
 )
 from ._errors import ErrorKind, RemoteProtocolError
@@ -132,12 +133,9 @@ def _decode_frame(body_view: memoryview, length: int) -> Frame:
     try:
         body = msgpack.unpackb(body_view, raw=False, unicode_errors="surrogateescape")
     except Exception as exc:  # msgpack raises many types for bad input
-        # Map keys other than strings are refused here (strict_map_key): a map of
-        # colliding integer keys would make decoding quadratic.
         raise RemoteProtocolError(
             ErrorKind.MALFORMED,
-            f"frame body ({length} bytes) is not one msgpack value with string "
-            f"map keys: {type(exc).__name__} {exc}".rstrip(),
+            f"frame body ({length} bytes) is not one msgpack value{_why_unpack_failed(exc)}",
             fatal=True,
         ) from None
     finally:
@@ -145,7 +143,7 @@ def _decode_frame(body_view: memoryview, length: int) -> Frame:
     if type(body) is not dict:
         raise RemoteProtocolError(
             ErrorKind.MALFORMED,
-            f"frame body is a msgpack {type(body).__name__}, not a map",
+            f"frame body is a msgpack {msgpack_type(body)}, not a map",
             fatal=True,
         )
     try:
@@ -160,6 +158,37 @@ def _decode_frame(body_view: memoryview, length: int) -> Frame:
             # bounded: the ref of an unknown type goes back to the peer in an error
             ref=ref[:64] if type(ref) is str else None,
         ) from None
+
+
+# The unpacker's stack: arrays and maps nested deeper than this are refused.
+_MAX_NESTING: Final = 1024
+# msgpack's refusal of a map key names the key's Python type.
+_KEY_TYPES: Final = {"int": "integer", "NoneType": "nil", "bool": "boolean", "float": "float",
+                     "list": "array", "tuple": "array", "dict": "map", "ExtType": "ext",
+                     "Timestamp": "timestamp"}
+
+
+def _why_unpack_failed(exc: Exception) -> str:
+    """Why msgpack refused a body, in the protocol's words (msgpack's own messages name
+    its API and options): ``": <reason>"``, or nothing when it gave no known reason."""
+    text = str(exc)
+    if isinstance(exc, msgpack.ExtraData):
+        return ": more bytes follow the first value"
+    if isinstance(exc, msgpack.StackError):
+        return f": arrays and maps nested more than {_MAX_NESTING} deep"
+    if isinstance(exc, msgpack.FormatError):
+        return ": it holds the byte 0xc1, which starts no msgpack value"
+    if text.endswith("is not allowed for map key when strict_map_key=True"):
+        # Refused while unpacking: a map of colliding integer keys would make
+        # decoding quadratic. "int is not allowed ..." names the key's Python type.
+        key_type = _KEY_TYPES.get(text.split(" ", 1)[0], "value")
+        return f" with str or bin map keys: a map key is a msgpack {key_type}"
+    if text == "Unpack failed: incomplete input" or " exceeds max_" in text:
+        # max_*_len is the body's own length: a count beyond it cannot be there.
+        return ": it ends inside a value"
+    if text.startswith("invalid timestamp"):
+        return ": it holds an invalid timestamp (ext type -1)"
+    return ""
 
 
 # ZeroCopyFrameDecoder's slabs: this large, or one frame's size when that is larger.

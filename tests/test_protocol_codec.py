@@ -553,7 +553,7 @@ def hello_body(**fields: Any) -> dict[str, Any]:
         ({"role": ""}, ErrorKind.HANDSHAKE,
          "hello frame: role must be 'agent' or 'controller', not ''"),
         ({"role": 1}, ErrorKind.BAD_FRAME,
-         "hello frame: field 'role' must be a string, not int 1"),
+         "hello frame: field 'role' must be a string, not integer 1"),
     ],
 )
 def test_hello_content_rules(fields: dict[str, Any], kind: ErrorKind, fragment: str) -> None:

@@ -283,6 +283,8 @@ def test_bad_first_frame_is_a_fatal_handshake_error(body: dict[str, Any], fragme
     exc = remote_error(conn, len(packed).to_bytes(4, "big") + packed, fatal=True)
     assert exc.kind is ErrorKind.HANDSHAKE
     assert exc.message.startswith(fragment)
+    assert exc.ref == body["t"]  # like every error about a frame that could be read
+    assert exc.id is None
 
 
 def test_undecodable_first_frame() -> None:
@@ -407,7 +409,7 @@ def test_controller_frames_sent_by_the_agent(frame: Frame, id: int | None) -> No
         (Role.AGENT, {"t": "data", "id": 2, "ch": 0, "d": "text"},
          "data frame: field 'd' must be binary data (msgpack bin), not str 'text'", 2),
         (Role.CONTROLLER, {"t": "exit", "id": 2, "code": 0, "core": 1},
-         "exit frame: field 'core' must be a boolean, not int 1", 2),
+         "exit frame: field 'core' must be a boolean, not integer 1", 2),
         (Role.CONTROLLER, {"t": "log", "level": "info", "msg": "m", "attrs": {"a": 1}},
          "log frame: field 'attrs' must be a map of strings to strings", None),
         (Role.CONTROLLER, {"t": "started", "id": 2},
