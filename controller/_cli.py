@@ -28,8 +28,7 @@ import trio
 
 import childproc
 from agent import __version__
-from agent._env import DEFAULT_KEEP, DEFAULT_REMOVE
-from protocol import CAP_STOP
+from protocol import CAP_STOP, DEFAULT_ENV_KEEP, DEFAULT_ENV_REMOVE
 
 from ._agent import Agent, _collapse, open_agent
 from ._errors import AgentError, RemoteError
@@ -72,9 +71,9 @@ environment:
   With the default agent (a local one), PROG gets exactly mproxy-exec's environment, as
   if it were run here. With --agent or --ssh, it gets the agent's own environment (over
   ssh: the remote login's) filtered by the agent's policy, which by default
-{textwrap.fill(" ".join(DEFAULT_KEEP), 88, initial_indent="    keeps    ",
+{textwrap.fill(" ".join(DEFAULT_ENV_KEEP), 88, initial_indent="    keeps    ",
                subsequent_indent=" " * 13)}
-{textwrap.fill(" ".join(DEFAULT_REMOVE), 88, initial_indent="    removes  ")}
+{textwrap.fill(" ".join(DEFAULT_ENV_REMOVE), 88, initial_indent="    removes  ")}
   (remove wins; every other variable is dropped). Then --unset removes and --env sets
   variables; --clear-env starts from an empty environment instead.
 
