@@ -7,6 +7,7 @@ import functools
 import os
 import sys
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,8 @@ from agent import _cgroup
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENT_ARGV = [sys.executable, "-m", "agent"]
+#: A short grace for the agents of the tests: a test's leftovers do not keep it long.
+GRACE_ARGS = ["--grace", "2"]
 
 
 @functools.cache
@@ -37,9 +40,8 @@ def cgroups_usable() -> bool:
         os.rmdir(probe)
 
 
-@pytest.fixture
-async def inproc_agent() -> AsyncIterator[controller.Agent]:
-    """A controller connected over in-memory streams to an agent served in this process."""
+@asynccontextmanager
+async def _inproc_agent() -> AsyncIterator[controller.Agent]:
     agent_side, controller_side = trio.testing.memory_stream_pair()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(agent.serve, agent.StreamTransport(agent_side, agent_side))
@@ -48,10 +50,28 @@ async def inproc_agent() -> AsyncIterator[controller.Agent]:
 
 
 @pytest.fixture
+async def inproc_agent() -> AsyncIterator[controller.Agent]:
+    """A controller connected over in-memory streams to an agent served in this process."""
+    async with _inproc_agent() as connected:
+        yield connected
+
+
+@pytest.fixture
 async def local_agent() -> AsyncIterator[controller.Agent]:
     """A controller connected to a real `python -m agent` subprocess over pipes."""
-    async with controller.open_agent(agent_args=["--grace", "2"]) as connected:
+    async with controller.open_agent(agent_args=GRACE_ARGS) as connected:
         yield connected
+
+
+@pytest.fixture(params=["local", "inproc"])
+async def any_agent(request: pytest.FixtureRequest) -> AsyncIterator[controller.Agent]:
+    """Each of the two agents above, one per run of the test."""
+    if request.param == "local":
+        async with controller.open_agent(agent_args=GRACE_ARGS) as connected:
+            yield connected
+    else:
+        async with _inproc_agent() as connected:
+            yield connected
 
 
 async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0,

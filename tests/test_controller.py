@@ -14,14 +14,14 @@ import random
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
 import pytest
 import trio
 import trio.testing
-from conftest import group_members, proc_stat, wait_until
+from conftest import GRACE_ARGS, group_members, proc_stat, wait_until
 
 import agent
 import controller
@@ -41,22 +41,7 @@ from protocol import (
     Window,
 )
 
-GRACE_ARGS = ["--grace", "2"]
 FrameT = TypeVar("FrameT", bound=Frame)
-
-
-@pytest.fixture(params=["local", "inproc"])
-async def any_agent(request: pytest.FixtureRequest) -> AsyncIterator[controller.Agent]:
-    """Both agents of conftest (``local_agent``, ``inproc_agent``), one per test run."""
-    if request.param == "local":
-        async with controller.open_agent(agent_args=GRACE_ARGS) as connected:
-            yield connected
-        return
-    agent_side, controller_side = trio.testing.memory_stream_pair()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(agent.serve, agent.StreamTransport(agent_side, agent_side))
-        async with controller.connect(controller_side) as connected:
-            yield connected
 
 
 async def read_all(stream: trio.abc.ReceiveStream) -> bytes:
