@@ -16,17 +16,15 @@ handling, fd sweep, RLIMIT_NOFILE).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import math
 import os
-import sys
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import trio
 import trio.testing
+from conftest import AGENT_ARGV
 
 import agent
 from protocol import (
@@ -53,8 +51,6 @@ from protocol import (
     Started,
     Window,
 )
-
-AGENT_ARGV = [sys.executable, "-m", "agent"]
 
 
 @dataclass
@@ -508,70 +504,3 @@ async def spawned(
             if process.returncode is None:
                 process.kill()
                 await process.wait()
-
-
-# ---------------------------------------------------------------------------- /proc
-
-def stat_fields(pid: int) -> list[str] | None:
-    """The fields of /proc/<pid>/stat after the command name (state is [0]), or None."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return None
-    return raw[raw.rfind(b")") + 2:].decode().split()
-
-
-def session_members(sid: int) -> list[int]:
-    """Pids (zombies included) of every process in session ``sid``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            fields = stat_fields(int(entry))
-            if fields is not None and int(fields[3]) == sid:
-                found.append(int(entry))
-    return found
-
-
-def group_any(pgid: int) -> list[int]:
-    """Pids (zombies included) in process group ``pgid``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            fields = stat_fields(int(entry))
-            if fields is not None and int(fields[2]) == pgid:
-                found.append(int(entry))
-    return found
-
-
-def gone(pid: int) -> bool:
-    return stat_fields(pid) is None
-
-
-async def wait_all_gone(pids: Sequence[int], pgids: Sequence[int], timeout: float,
-                        what: str) -> None:
-    """Wait until none of ``pids`` exists (not even as a zombie) and no process (zombie or
-    not) is left in any of ``pgids``."""
-    def done() -> bool:
-        return all(gone(p) for p in pids) and not any(group_any(g) for g in pgids)
-    with trio.move_on_after(timeout):
-        while not done():
-            await trio.sleep(0.02)
-        return
-    left = {p: stat_fields(p) for p in pids if not gone(p)}
-    groups = {g: group_any(g) for g in pgids if group_any(g)}
-    raise AssertionError(f"{what}: still there after {timeout}s: pids {left}, groups {groups}")
-
-
-_PR_SET_CHILD_SUBREAPER = 36
-
-
-@contextlib.contextmanager
-def subreaper() -> Iterator[None]:
-    """Make this (test) process a child subreaper for the duration: orphans of processes
-    we started come to us (to be reaped with os.waitpid) instead of to pid 1."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    assert libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
-    try:
-        yield
-    finally:
-        libc.prctl(_PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)

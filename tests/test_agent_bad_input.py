@@ -13,7 +13,8 @@ from collections.abc import Callable
 import msgpack
 import pytest
 import trio
-from agent_harness import Kid, Raw, gone, group_any, inproc, spawned, wait_all_gone
+from agent_harness import Kid, Raw, inproc, spawned
+from conftest import gone, group_all, wait_all_gone
 
 from protocol import (
     DEFAULT_WINDOW,
@@ -44,7 +45,7 @@ async def test_undecodable_stream_ends_the_agent_with_status_1() -> None:
         for kid in kids:
             await raw.started(kid)
         await wait_until_members(kids[1], 2)
-        pids = [p for k in kids for p in group_any(k.pid)]
+        pids = [p for k in kids for p in group_all(k.pid)]
         raw.send_raw(b"\x00\x00\x00\x02\xc1\xc1")  # 0xc1 is never valid msgpack
         await raw.wait(raw.ended.is_set, 10, "the agent to end the stream")
         assert [(e.kind, e.id) for e in raw.errors] == [("malformed", None)]
@@ -56,7 +57,7 @@ async def test_undecodable_stream_ends_the_agent_with_status_1() -> None:
 
 async def wait_until_members(kid: Kid, count: int) -> None:
     with trio.fail_after(10):
-        while len(group_any(kid.pid)) < count:
+        while len(group_all(kid.pid)) < count:
             await trio.sleep(0.01)
 
 

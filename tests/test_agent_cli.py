@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import trio
-from agent_harness import AGENT_ARGV, spawned
+from agent_harness import spawned
+from conftest import AGENT_ARGV
 
 import agent
 from protocol import (

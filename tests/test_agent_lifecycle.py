@@ -19,24 +19,19 @@ from pathlib import Path
 
 import pytest
 import trio
-from agent_harness import (
-    Kid,
-    Raw,
-    Spawned,
-    gone,
-    group_any,
-    session_members,
-    spawned,
-    stat_fields,
-    subreaper,
-    wait_all_gone,
-)
+from agent_harness import Kid, Raw, Spawned, spawned
 from conftest import (
     AGENT_ARGV,
     agent_children,
     cgroups_usable,
     children_of,
+    gone,
+    group_all,
     guardian_of,
+    session_members,
+    stat_fields,
+    subreaper,
+    wait_all_gone,
     wait_until,
 )
 
@@ -63,7 +58,7 @@ async def _start_family(raw: Raw) -> tuple[list[Kid], list[int]]:
     await raw.wait(lambda: all(k.started for k in kids)
                    and kids[1].output(1) == b"ready\n" and kids[2].count[1] > 0
                    and kids[3].output(1) == b"ready\n", 10, "the family to start")
-    pids = sorted({p for k in kids for p in group_any(k.pid)})
+    pids = sorted({p for k in kids for p in group_all(k.pid)})
     assert len(pids) >= 7  # the producer's sleep comes and goes
     return kids, pids
 
@@ -144,8 +139,8 @@ async def test_controller_killed_outright_leaves_nothing_behind(tmp_path: Path) 
             assert fields is not None
             agent_pid = int(fields[1])
             assert agent_pid != ctl.pid
-            await wait_until(lambda: len(group_any(leaders[1])) == 3, 10, "the sleeps")
-            pids = sorted({p for leader in leaders for p in group_any(leader)})
+            await wait_until(lambda: len(group_all(leaders[1])) == 3, 10, "the sleeps")
+            pids = sorted({p for leader in leaders for p in group_all(leader)})
             ctl.kill()
             await ctl.wait()
             statuses: list[int] = []
@@ -171,7 +166,7 @@ async def test_grace_then_sigkill_for_children_that_ignore_term() -> None:
         kid = raw.exec(["sh", "-c", "trap '' HUP TERM INT; echo ready; "
                         "while :; do sleep 0.05; done"])
         await raw.wait(lambda: kid.output(1) == b"ready\n", 10, "the trap")
-        pids = group_any(kid.pid)
+        pids = group_all(kid.pid)
         # It survives TERM sent by us...
         raw.signal(kid.id, "TERM")
         assert (await raw.ack(kid)).errno is None
@@ -213,11 +208,11 @@ async def test_agent_killed_outright_its_guardian_ends_every_child() -> None:
             def all_gone() -> bool:
                 # Reap what comes to us, as init would: the listed pids and whatever else
                 # is left in the groups (the producer's latest sleep).
-                for pid in {*everything, *(p for k in kids for p in group_any(k.pid))}:
+                for pid in {*everything, *(p for k in kids for p in group_all(k.pid))}:
                     with contextlib.suppress(ChildProcessError):
                         os.waitpid(pid, os.WNOHANG)
                 return all(gone(p) for p in everything) and not any(
-                    group_any(k.pid) for k in kids)
+                    group_all(k.pid) for k in kids)
 
             await wait_until(all_gone, GRACE + SLACK, "the guardian to end every group")
             assert agent.process.stderr is not None
@@ -282,8 +277,8 @@ async def test_agent_contains_its_children_in_a_cgroup_it_removes_at_exit() -> N
         contained = _cgroup.cgroup_dir(agent.pid)
         assert os.path.dirname(contained) == ours
         assert os.path.basename(contained).startswith(f"mproxy-agent.{agent.pid}.")
-        await wait_until(lambda: len(group_any(kid.pid)) == 2, 10, "the child's sleep")
-        assert {_cgroup.cgroup_dir(pid) for pid in group_any(kid.pid)} == {contained}
+        await wait_until(lambda: len(group_all(kid.pid)) == 2, 10, "the child's sleep")
+        assert {_cgroup.cgroup_dir(pid) for pid in group_all(kid.pid)} == {contained}
         # The guardian stays outside: it must not be ended with what it ends.
         assert _cgroup.cgroup_dir(_guardian_of(agent.pid, [kid])) == ours
         await raw.aclose_write()
@@ -501,7 +496,7 @@ async def test_losing_our_output_after_shutdown_and_eof_ends_every_child() -> No
             raw.exec(["sh", "-c", "trap '' HUP TERM; sleep 100 & echo ready; wait"]),
         ]
         await raw.wait(lambda: kids[1].output(1) == b"ready\n", 10, "the children to start")
-        pids = sorted({p for k in kids for p in group_any(k.pid)})
+        pids = sorted({p for k in kids for p in group_all(k.pid)})
         await _half_close_after_shutdown(raw)
         assert all(not gone(pid) for pid in pids)
         raw.stop_reading()

@@ -4,7 +4,8 @@ names, unknown and exited children; a signal sent before the child started."""
 from __future__ import annotations
 
 import trio
-from agent_harness import group_any, inproc, spawned, wait_all_gone
+from agent_harness import inproc, spawned
+from conftest import group_all, wait_all_gone
 
 from protocol import Eof, Signal, encode
 
@@ -14,7 +15,7 @@ async def test_term_reaches_every_member_of_the_group() -> None:
         raw = agent.raw
         kid = raw.exec(["sh", "-c", "sleep 100 & sleep 100 & echo ready; wait"])
         await raw.wait(lambda: kid.output(1) == b"ready\n", 10, "the sleeps to start")
-        members = group_any(kid.pid)
+        members = group_all(kid.pid)
         assert len(members) == 3  # sh and two sleeps
         raw.signal(kid.id, "TERM")
         ack = await raw.ack(kid)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import trio
-from agent_harness import Kid, Raw, gone, group_any, inproc, spawned, stat_fields, wait_all_gone
-from conftest import rss_bytes, wait_until
+from agent_harness import Kid, Raw, inproc, spawned
+from conftest import gone, group_all, rss_bytes, stat_fields, wait_all_gone, wait_until
 
 from protocol import DEFAULT_WINDOW, Stop
 
@@ -476,7 +476,7 @@ async def test_background_holder_does_not_delay_exit() -> None:
         assert kid.at_exit == {1: 3, 2: 0} and kid.output(1) == b"hi\n"
         assert kid.exit is not None and kid.exit.code == 0
         assert 1 not in kid.eof  # sleep still holds stdout
-        holders = [p for p in group_any(kid.pid) if p != kid.pid]
+        holders = [p for p in group_all(kid.pid) if p != kid.pid]
         assert len(holders) == 1
         raw.close(kid.id)
         await raw.closed(kid)
@@ -493,7 +493,7 @@ async def test_channels_of_a_background_holder_keep_streaming_after_exit() -> No
             await raw.echo(kid, f"after exit {i}\n".encode())
         assert kid.output(1) == b"hi\n" + b"".join(f"after exit {i}\n".encode()
                                                     for i in range(5))
-        members = group_any(kid.pid)
+        members = group_all(kid.pid)
         assert len(members) == 2  # sh (a zombie until close) and cat
         raw.close(kid.id)
         await raw.closed(kid)

@@ -21,7 +21,7 @@ from typing import TypeVar
 import pytest
 import trio
 import trio.testing
-from conftest import GRACE_ARGS, group_members, proc_stat, wait_until
+from conftest import GRACE_ARGS, dead, group_members, proc_stat, read_all, wait_until
 
 import agent
 import controller
@@ -44,13 +44,6 @@ from protocol import (
 FrameT = TypeVar("FrameT", bound=Frame)
 
 
-async def read_all(stream: trio.abc.ReceiveStream) -> bytes:
-    out = bytearray()
-    while chunk := await stream.receive_some():
-        out += chunk
-    return bytes(out)
-
-
 async def read_until(stream: trio.abc.ReceiveStream, marker: bytes) -> bytes:
     out = bytearray()
     while marker not in out:
@@ -64,12 +57,6 @@ def kill_group_quietly(pgid: int | None) -> None:
     if pgid is not None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, signal.SIGKILL)
-
-
-def gone(pid: int) -> bool:
-    """Dead: reaped, or a zombie nobody we control will reap (re-parented orphans)."""
-    stat = proc_stat(pid)
-    return stat is None or stat[0] == "Z"
 
 
 # ---------------------------------------------------------------- processes and streams
@@ -474,7 +461,7 @@ async def test_signal_reaches_the_whole_group(any_agent: controller.Agent) -> No
                 assert proc_stat(background) is not None
                 await proc.terminate()
                 assert await proc.wait() == -15
-                await wait_until(lambda: gone(background), what="the background sleep to die")
+                await wait_until(lambda: dead(background), what="the background sleep to die")
             finally:
                 kill_group_quietly(proc.pid)
 

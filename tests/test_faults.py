@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from conftest import all_procs, group_members, proc_stat, wait_until
+from conftest import all_procs, gone, group_members, proc_stat, read_all, wait_until
 from rawagent import raw_agent_process
 
 import controller
@@ -26,13 +26,6 @@ PYTHON3 = "/usr/bin/python3"
 
 class Leave(Exception):
     """Raised to leave ``open_agent`` abnormally: the agent sees EOF and tears down."""
-
-
-async def read_all(stream: trio.abc.ReceiveStream) -> bytes:
-    out = bytearray()
-    while chunk := await stream.receive_some():
-        out += chunk
-    return bytes(out)
 
 
 async def read_line(stream: trio.abc.ReceiveStream) -> bytes:
@@ -66,10 +59,6 @@ os.wait()
 def pid_of(process: controller.RemoteProcess) -> int:
     assert process.pid is not None
     return process.pid
-
-
-def gone(pid: int) -> bool:
-    return proc_stat(pid) is None
 
 
 # ---------------------------------------------------------------------------- streams
