@@ -1,16 +1,23 @@
-"""A raw controller for the agent's tests: a protocol.Connection over a transport, with
-every frame the agent sends recorded per child.
+"""The raw controller of the agent's tests: frames sent and received one by one, every
+frame the agent sends recorded per child.
 
-Because it speaks through a real :class:`protocol.Connection` in the controller role,
-every frame the agent sends is validated: a data frame beyond the credit granted, an eof
-whose byte count does not match, a frame about an unknown child make the reader raise,
-which fails the test. Credit for the agent's output is granted as it arrives unless a
-child (or the whole harness) is put on hold. Hand-made bytes can be sent unvalidated with
-:meth:`Raw.send_raw`.
+By default it speaks through a real :class:`protocol.Connection` in the controller role,
+so every frame the agent sends is validated: a data frame beyond the credit granted, an
+eof whose byte count does not match, a frame about an unknown child make the reader
+raise, which fails the test. Credit for the agent's output is granted as it arrives
+unless a child (or the whole harness) is put on hold. Hand-made bytes can be sent
+unvalidated with :meth:`Raw.send_raw` and :meth:`Raw.send_body`.
+
+With ``validate=False`` (the hostile tests, which send what no controller would) the
+connection state is not kept: frames are decoded but checked against no state, sent
+frames are encoded as they are, no credit is granted (give a window that needs none:
+:data:`BIG_WINDOW`), and :attr:`Raw.frames` holds every frame, data included.
+:meth:`Raw.next_frame`, :meth:`Raw.until`, :meth:`Raw.sync` and :meth:`Raw.rest` read the
+frames in order, each once, in either mode.
 
 Agents: :func:`inproc` serves ``agent.serve`` in this process over trio memory streams;
 :func:`spawned` starts ``python -m agent`` over pipes (the real CLI: subreaper, signal
-handling, fd sweep, RLIMIT_NOFILE).
+handling, fd sweep, RLIMIT_NOFILE), its stderr captured to a file when asked.
 """
 
 from __future__ import annotations
@@ -18,10 +25,13 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import struct
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import msgpack
 import trio
 import trio.testing
 from conftest import AGENT_ARGV
@@ -41,16 +51,33 @@ from protocol import (
     Exec,
     Exit,
     Frame,
+    FrameDecoder,
     Goodbye,
     Hello,
     Log,
+    Ping,
+    Pong,
     RemoteProtocolError,
     Role,
     Signal,
     SignalAck,
     Started,
     Window,
+    encode,
 )
+
+#: A hello window so large that the agent never waits for credit (``validate=False``).
+BIG_WINDOW = 1 << 30
+
+
+def wire(body: Any) -> bytes:
+    """One frame: 4-byte big-endian length and ``body`` packed as msgpack."""
+    packed: bytes = msgpack.packb(body, use_bin_type=True)
+    return struct.pack(">I", len(packed)) + packed
+
+
+def errors_in(frames: Sequence[Frame]) -> list[Error]:
+    return [f for f in frames if isinstance(f, Error)]
 
 
 @dataclass
@@ -100,13 +127,20 @@ class Raw:
         *,
         window: int = DEFAULT_WINDOW,
         max_frame: int = DEFAULT_MAX_FRAME,
+        validate: bool = True,
     ) -> None:
         self.send_stream = send_stream
         self.receive_stream = receive_stream
+        self.validate = validate
+        # Unvalidated, the connection only makes our hello.
         self.conn = Connection(Role.CONTROLLER, window=window, max_frame_size=max_frame,
                                impl="test-controller", impl_version="0")
+        # Larger than the agent ever sends: we want to see every frame it writes.
+        self._decoder = None if validate else FrameDecoder(DEFAULT_MAX_FRAME * 2)
+        self.hello: Hello | None = None  # the agent's
         self.kids: dict[int, Kid] = {}
-        self.frames: list[Frame] = []  # everything but data frames, in arrival order
+        # In arrival order; data frames only when unvalidated (else per child).
+        self.frames: list[Frame] = []
         self.errors: list[Error] = []
         self.logs: list[Log] = []
         self.goodbye = False
@@ -122,6 +156,8 @@ class Raw:
         self._paused = False
         self._budget: int | None = None  # bytes left to read before pausing; None: no limit
         self._reading_scope: trio.CancelScope | None = None
+        self._read_upto = 0  # frames[:_read_upto] were returned by next_frame
+        self._pings = 0
 
     # ------------------------------------------------------------------ tasks
 
@@ -132,9 +168,9 @@ class Raw:
         nursery.start_soon(self._write_loop)
         nursery.start_soon(self._read_loop)
         self._queue(self.conn.initiate() if hello is None else hello)
-        await self.wait(lambda: self.conn.their_hello is not None or self.ended.is_set(),
+        await self.wait(lambda: self.hello is not None or self.ended.is_set(),
                         timeout, "the agent's hello")
-        assert self.conn.their_hello is not None, f"no hello: {self.end_reason}"
+        assert self.hello is not None, f"no hello: {self.end_reason}"
 
     async def _write_loop(self) -> None:
         async for item in self._recv_q:
@@ -168,22 +204,39 @@ class Raw:
             data = await self.receive_stream.receive_some(size)
             if self._budget is not None:
                 self._budget -= len(data)
-            self.conn.receive_data(data)
-            while True:
-                try:
-                    event = self.conn.next_event()
-                except RemoteProtocolError as exc:
-                    raise AssertionError(
-                        f"the agent broke the protocol: {exc.kind}: {exc.message}"
-                    ) from exc
-                if event is NEED_DATA:
-                    break
-                if event is CONNECTION_CLOSED:
-                    self._end("EOF")
-                    return
-                assert isinstance(event, Frame)
-                self._on_frame(event)
+            if not (self._receive(data) if self.validate else self._receive_unchecked(data)):
+                self._end("EOF")
+                return
             self._lot.unpark_all()
+
+    def _receive(self, data: bytes | bytearray) -> bool:
+        """Take in ``data`` (``b""``: the stream's end) through the connection; False
+        once the stream has ended."""
+        self.conn.receive_data(data)
+        while True:
+            try:
+                event = self.conn.next_event()
+            except RemoteProtocolError as exc:
+                raise AssertionError(
+                    f"the agent broke the protocol: {exc.kind}: {exc.message}"
+                ) from exc
+            if event is NEED_DATA:
+                return True
+            if event is CONNECTION_CLOSED:
+                return False
+            assert isinstance(event, Frame)
+            self._on_frame(event)
+
+    def _receive_unchecked(self, data: bytes | bytearray) -> bool:
+        """As :meth:`_receive`, decoding frames without a connection's state."""
+        assert self._decoder is not None
+        if not data:
+            assert self._decoder.buffered == 0, "the agent's stream ended inside a frame"
+            return False
+        self._decoder.feed(data)
+        while (frame := self._decoder.next_frame()) is not None:
+            self._on_frame(frame)
+        return True
 
     def _end(self, reason: str) -> None:
         if not self.ended.is_set():
@@ -193,9 +246,14 @@ class Raw:
 
     def _on_frame(self, frame: Frame) -> None:
         if isinstance(frame, Data):
-            self._on_data(frame)
+            if not self.validate:
+                self.frames.append(frame)
+            if self.validate or frame.id in self.kids:
+                self._on_data(frame)
             return
         self.frames.append(frame)
+        if isinstance(frame, Hello):
+            self.hello = frame
         kid = self.kids.get(getattr(frame, "id", -1))
         if isinstance(frame, Error):
             self.errors.append(frame)
@@ -206,7 +264,9 @@ class Raw:
         elif isinstance(frame, Goodbye):
             self.goodbye = True
         elif kid is None:
-            assert isinstance(frame, (Hello, Window)) or not hasattr(frame, "id"), frame
+            # Validated, every frame about a child is about one we exec'd.
+            assert not self.validate or isinstance(frame, (Hello, Window)) \
+                or not hasattr(frame, "id"), frame
         elif isinstance(frame, Started):
             kid.started = frame
         elif isinstance(frame, Exit):
@@ -230,7 +290,7 @@ class Raw:
             kid.out.setdefault(frame.ch, bytearray()).extend(data)
         if kid.sink is not None:
             kid.sink(frame.ch, data)
-        if size and not kid.hold and not self.hold_all and not kid.closing:
+        if size and self.validate and not kid.hold and not self.hold_all and not kid.closing:
             self._queue(self.conn.send(Window(frame.id, frame.ch, size)))
 
     # ------------------------------------------------------------------ sending
@@ -241,12 +301,18 @@ class Raw:
             self._send_q.send_nowait(data)
 
     def send(self, *frames: Frame) -> None:
-        """Validate and queue frames (written together, in one write when possible)."""
-        self._queue(b"".join(self.conn.send(f) for f in frames))
+        """Validate (unless ``validate=False``) and queue frames, written together, in
+        one write when possible."""
+        self._queue(b"".join(self.conn.send(f) if self.validate else encode(f)
+                             for f in frames))
 
     def send_raw(self, data: bytes) -> None:
         """Queue bytes exactly as given: the connection state is not consulted."""
         self._queue(data)
+
+    def send_body(self, body: Any) -> None:
+        """Queue ``body`` (any msgpack value) as one frame, unvalidated."""
+        self._queue(wire(body))
 
     async def flush(self, timeout: float = 10.0) -> None:
         """Wait until everything queued has been written to the agent."""
@@ -325,6 +391,65 @@ class Raw:
         """End the reader task for good (e.g. before closing our read end)."""
         if self._reading_scope is not None:
             self._reading_scope.cancel()
+
+    # ------------------------------------------------------------------ frames in order
+
+    async def next_frame(self) -> Frame | None:
+        """The first frame (of :attr:`frames`) that this has not returned yet, waiting
+        for it; None once the agent's stream has ended and every frame was returned."""
+        await self.wait(lambda: self._read_upto < len(self.frames) or self.ended.is_set(),
+                        math.inf, "the agent's next frame")
+        if self._read_upto == len(self.frames):
+            return None
+        self._read_upto += 1
+        return self.frames[self._read_upto - 1]
+
+    async def until(self, predicate: Callable[[Frame], bool]) -> list[Frame]:
+        """The next frames, up to and including the first one matching ``predicate``."""
+        seen: list[Frame] = []
+        while True:
+            frame = await self.next_frame()
+            assert frame is not None, f"agent stream ended; frames so far: {seen[-10:]}"
+            seen.append(frame)
+            if predicate(frame):
+                return seen
+
+    async def until_all(self, predicate: Callable[[list[Frame]], bool]) -> None:
+        """Wait until ``predicate`` holds for every frame received so far."""
+        await self.wait(lambda: predicate(self.frames) or self.ended.is_set(), math.inf,
+                        "the frames awaited")
+        assert predicate(self.frames), f"agent stream ended; last frames: {self.frames[-10:]}"
+
+    async def sync(self) -> list[Frame]:
+        """Ping, and return the next frames up to the pong: the agent answers frames in
+        order, so this is everything it said synchronously about what we sent before
+        (plus whatever asynchronous frames happened to come out meanwhile)."""
+        self._pings += 1
+        n = self._pings
+        self.send(Ping(n))
+        frames = await self.until(lambda f: isinstance(f, Pong) and f.n == n)
+        return frames[:-1]
+
+    async def rest(self) -> list[Frame]:
+        """The next frames, until the agent's stream ends."""
+        frames: list[Frame] = []
+        while (frame := await self.next_frame()) is not None:
+            frames.append(frame)
+        return frames
+
+    def output(self, id: int, ch: int) -> bytes:
+        """Everything received on channel ``ch`` of child ``id``."""
+        if id in self.kids:
+            return self.kids[id].output(ch)
+        assert not self.validate, "validated, only the output of children exec'd is kept"
+        return b"".join(f.data for f in self.frames
+                        if isinstance(f, Data) and f.id == id and f.ch == ch)
+
+    def has(self, frame_type: type[Frame], id: int, /, **fields: object) -> bool:
+        """Whether a ``frame_type`` frame about child ``id`` (with these fields) arrived."""
+        return any(isinstance(f, frame_type) and getattr(f, "id", None) == id
+                   and all(getattr(f, k) == v for k, v in fields.items())
+                   for f in self.frames)
 
     # ------------------------------------------------------------------ waiting
 
@@ -416,13 +541,14 @@ class Raw:
 # ---------------------------------------------------------------------------- agents
 
 @contextlib.asynccontextmanager
-async def inproc(*, window: int = DEFAULT_WINDOW, max_frame: int = DEFAULT_MAX_FRAME,
-                 hello: bytes | None = None, **serve_kwargs: Any
+async def inproc(*, window: int | None = None, max_frame: int = DEFAULT_MAX_FRAME,
+                 hello: bytes | None = None, validate: bool = True, **serve_kwargs: Any
                  ) -> AsyncIterator[tuple[Raw, list[int]]]:
     """An agent served in this process over memory streams. Yields the raw controller and
     a list that receives serve()'s return value once it returned. On leaving, our side
     is closed (EOF) and serve() must return within a few seconds. ``hello`` replaces our
-    hello frame (bytes sent as they are)."""
+    hello frame (bytes sent as they are). ``window`` defaults to the protocol's default,
+    or to :data:`BIG_WINDOW` unvalidated."""
     serve_kwargs.setdefault("grace", 2.0)
     agent_side, our_side = trio.testing.memory_stream_pair()
     status: list[int] = []
@@ -434,8 +560,8 @@ async def inproc(*, window: int = DEFAULT_WINDOW, max_frame: int = DEFAULT_MAX_F
             await agent_side.aclose()
 
         nursery.start_soon(serve)
-        raw = Raw(our_side.send_stream, our_side.receive_stream, window=window,
-                  max_frame=max_frame)
+        raw = Raw(our_side.send_stream, our_side.receive_stream,
+                  window=_window(window, validate), max_frame=max_frame, validate=validate)
         await raw.start(nursery, hello=hello)
         yield raw, status
         with trio.fail_after(serve_kwargs["grace"] + 10):
@@ -446,16 +572,28 @@ async def inproc(*, window: int = DEFAULT_WINDOW, max_frame: int = DEFAULT_MAX_F
         nursery.cancel_scope.cancel()
 
 
+def _window(window: int | None, validate: bool) -> int:
+    if window is not None:
+        return window
+    return DEFAULT_WINDOW if validate else BIG_WINDOW
+
+
 @dataclass
 class Spawned:
     """A ``python -m agent`` subprocess and the raw controller connected to it."""
 
     process: trio.Process
     raw: Raw
+    stderr_path: Path | None = None
 
     @property
     def pid(self) -> int:
         return self.process.pid
+
+    def stderr(self) -> str:
+        """What the agent wrote to its stderr (with ``spawned(stderr_to=...)``)."""
+        assert self.stderr_path is not None, "the agent's stderr was not captured"
+        return self.stderr_path.read_text(errors="replace")
 
     async def wait_exit(self, timeout: float = 10.0) -> int:
         with trio.fail_after(timeout):
@@ -468,10 +606,14 @@ async def spawned(
     prefix: Sequence[str] = (),
     env: dict[str, str] | None = None,
     pass_fds: Sequence[int] = (),
-    window: int = DEFAULT_WINDOW,
+    window: int | None = None,
     stderr: int | None = None,
+    stderr_to: Path | None = None,
+    validate: bool = True,
 ) -> AsyncIterator[Spawned]:
-    """Start ``[*prefix, python, -m, agent, *args]`` with pipes as its stdin and stdout.
+    """Start ``[*prefix, python, -m, agent, *args]`` with pipes as its stdin and stdout;
+    its stderr goes to ``stderr`` (a subprocess-style fd), or to the file ``stderr_to``
+    (read back with :meth:`Spawned.stderr`). ``window`` as for :func:`inproc`.
 
     On leaving: our side is closed, and the agent is given 15 s to exit before it is
     killed (a test that needs a precise ending checks it itself, before leaving).
@@ -479,10 +621,13 @@ async def spawned(
     to_agent_r, to_agent_w = os.pipe()
     from_agent_r, from_agent_w = os.pipe()
     try:
-        process = await trio.lowlevel.open_process(
-            [*prefix, *AGENT_ARGV, *args], stdin=to_agent_r, stdout=from_agent_w,
-            stderr=stderr, env=env, pass_fds=tuple(pass_fds),
-        )
+        with contextlib.ExitStack() as files:
+            if stderr_to is not None:
+                stderr = files.enter_context(stderr_to.open("wb")).fileno()
+            process = await trio.lowlevel.open_process(
+                [*prefix, *AGENT_ARGV, *args], stdin=to_agent_r, stdout=from_agent_w,
+                stderr=stderr, env=env, pass_fds=tuple(pass_fds),
+            )
     finally:
         os.close(to_agent_r)
         os.close(from_agent_w)
@@ -490,9 +635,10 @@ async def spawned(
     receive_stream = trio.lowlevel.FdStream(from_agent_r)
     try:
         async with trio.open_nursery() as nursery:
-            raw = Raw(send_stream, receive_stream, window=window)
+            raw = Raw(send_stream, receive_stream, window=_window(window, validate),
+                      validate=validate)
             await raw.start(nursery)
-            yield Spawned(process, raw)
+            yield Spawned(process, raw, stderr_to)
             nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
