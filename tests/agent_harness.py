@@ -81,7 +81,7 @@ def errors_in(frames: Sequence[Frame]) -> list[Error]:
 
 
 @dataclass
-class Kid:
+class RawChild:
     """What the agent told us about one child id."""
 
     id: int
@@ -138,7 +138,7 @@ class Raw:
         # Larger than the agent ever sends: we want to see every frame it writes.
         self._decoder = None if validate else FrameDecoder(DEFAULT_MAX_FRAME * 2)
         self.hello: Hello | None = None  # the agent's
-        self.kids: dict[int, Kid] = {}
+        self.children: dict[int, RawChild] = {}
         # In arrival order; data frames only when unvalidated (else per child).
         self.frames: list[Frame] = []
         self.errors: list[Error] = []
@@ -248,49 +248,49 @@ class Raw:
         if isinstance(frame, Data):
             if not self.validate:
                 self.frames.append(frame)
-            if self.validate or frame.id in self.kids:
+            if self.validate or frame.id in self.children:
                 self._on_data(frame)
             return
         self.frames.append(frame)
         if isinstance(frame, Hello):
             self.hello = frame
-        kid = self.kids.get(getattr(frame, "id", -1))
+        child = self.children.get(getattr(frame, "id", -1))
         if isinstance(frame, Error):
             self.errors.append(frame)
-            if frame.id is not None and kid is not None:
-                kid.errors.append(frame)
+            if frame.id is not None and child is not None:
+                child.errors.append(frame)
         elif isinstance(frame, Log):
             self.logs.append(frame)
         elif isinstance(frame, Goodbye):
             self.goodbye = True
-        elif kid is None:
+        elif child is None:
             # Validated, every frame about a child is about one we exec'd.
             assert not self.validate or isinstance(frame, (Hello, Window)) \
                 or not hasattr(frame, "id"), frame
         elif isinstance(frame, Started):
-            kid.started = frame
+            child.started = frame
         elif isinstance(frame, Exit):
-            kid.exit = frame
-            kid.at_exit = dict(kid.count)
+            child.exit = frame
+            child.at_exit = dict(child.count)
         elif isinstance(frame, Eof):
             assert frame.n is not None, "the agent's eof frames carry n"
-            kid.eof[frame.ch] = frame.n
+            child.eof[frame.ch] = frame.n
         elif isinstance(frame, SignalAck):
-            kid.acks.append(frame)
+            child.acks.append(frame)
         elif isinstance(frame, Closed):
-            kid.closed = True
+            child.closed = True
 
     def _on_data(self, frame: Data) -> None:
-        kid = self.kids[frame.id]
+        child = self.children[frame.id]
         data = bytes(frame.data)  # the same object: this connection does not borrow
         size = len(data)
-        kid.count[frame.ch] = kid.count.get(frame.ch, 0) + size
-        kid.nonzero[frame.ch] = kid.nonzero.get(frame.ch, 0) + size - data.count(0)
-        if kid.keep:
-            kid.out.setdefault(frame.ch, bytearray()).extend(data)
-        if kid.sink is not None:
-            kid.sink(frame.ch, data)
-        if size and self.validate and not kid.hold and not self.hold_all and not kid.closing:
+        child.count[frame.ch] = child.count.get(frame.ch, 0) + size
+        child.nonzero[frame.ch] = child.nonzero.get(frame.ch, 0) + size - data.count(0)
+        if child.keep:
+            child.out.setdefault(frame.ch, bytearray()).extend(data)
+        if child.sink is not None:
+            child.sink(frame.ch, data)
+        if size and self.validate and not child.hold and not self.hold_all and not child.closing:
             self._queue(self.conn.send(Window(frame.id, frame.ch, size)))
 
     # ------------------------------------------------------------------ sending
@@ -325,17 +325,17 @@ class Raw:
 
     def exec(self, argv: Sequence[str | bytes], *, id: int | None = None, keep: bool = True,
              hold: bool = False, sink: Callable[[int, bytes], None] | None = None,
-             before: Sequence[Frame] = (), more: Sequence[Frame] = (), **fields: Any) -> Kid:
+             before: Sequence[Frame] = (), more: Sequence[Frame] = (), **fields: Any) -> RawChild:
         """Send an exec frame, in one write with the ``before`` frames ahead of it and the
-        ``more`` frames after it; return its Kid."""
-        kid = Kid(self.new_id() if id is None else id, keep=keep, hold=hold, sink=sink)
-        self.kids[kid.id] = kid
-        frame = Exec(id=kid.id, argv=tuple(os.fsencode(a) for a in argv), **fields)
+        ``more`` frames after it; return its RawChild."""
+        child = RawChild(self.new_id() if id is None else id, keep=keep, hold=hold, sink=sink)
+        self.children[child.id] = child
+        frame = Exec(id=child.id, argv=tuple(os.fsencode(a) for a in argv), **fields)
         for ahead in before:
             if isinstance(ahead, Close):
-                self.kids[ahead.id].closing = True
+                self.children[ahead.id].closing = True
         self.send(*before, frame, *more)
-        return kid
+        return child
 
     def write_now(self, id: int, ch: int, data: bytes) -> None:
         """Send data that the credit already covers (asserted)."""
@@ -359,7 +359,7 @@ class Raw:
         self.send(Signal(id, sig))
 
     def close(self, id: int) -> None:
-        self.kids[id].closing = True
+        self.children[id].closing = True
         self.send(Close(id))
 
     def grant(self, id: int, ch: int, n: int) -> None:
@@ -439,8 +439,8 @@ class Raw:
 
     def output(self, id: int, ch: int) -> bytes:
         """Everything received on channel ``ch`` of child ``id``."""
-        if id in self.kids:
-            return self.kids[id].output(ch)
+        if id in self.children:
+            return self.children[id].output(ch)
         assert not self.validate, "validated, only the output of children exec'd is kept"
         return b"".join(f.data for f in self.frames
                         if isinstance(f, Data) and f.id == id and f.ch == ch)
@@ -462,75 +462,75 @@ class Raw:
             return
         raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
-    async def started(self, kid: Kid, timeout: float = 10.0) -> int:
-        await self.wait(lambda: kid.started is not None or bool(kid.errors), timeout,
-                        f"child {kid.id} to start")
-        assert kid.started is not None, f"child {kid.id} failed: {kid.errors}"
-        return kid.started.pid
+    async def started(self, child: RawChild, timeout: float = 10.0) -> int:
+        await self.wait(lambda: child.started is not None or bool(child.errors), timeout,
+                        f"child {child.id} to start")
+        assert child.started is not None, f"child {child.id} failed: {child.errors}"
+        return child.started.pid
 
-    async def exited(self, kid: Kid, timeout: float = 10.0) -> Exit:
-        await self.wait(lambda: kid.exit is not None, timeout, f"child {kid.id} to exit")
-        assert kid.exit is not None
-        return kid.exit
+    async def exited(self, child: RawChild, timeout: float = 10.0) -> Exit:
+        await self.wait(lambda: child.exit is not None, timeout, f"child {child.id} to exit")
+        assert child.exit is not None
+        return child.exit
 
-    async def finished(self, kid: Kid, timeout: float = 10.0, chans: Sequence[int] = (1, 2)
+    async def finished(self, child: RawChild, timeout: float = 10.0, chans: Sequence[int] = (1, 2)
                        ) -> Exit:
         """Wait for exit and the eof of every output channel."""
-        await self.wait(lambda: kid.exit is not None and all(c in kid.eof for c in chans),
-                        timeout, f"child {kid.id} to exit and reach eof")
-        assert kid.exit is not None
-        return kid.exit
+        await self.wait(lambda: child.exit is not None and all(c in child.eof for c in chans),
+                        timeout, f"child {child.id} to exit and reach eof")
+        assert child.exit is not None
+        return child.exit
 
-    async def closed(self, kid: Kid, timeout: float = 10.0) -> None:
-        await self.wait(lambda: kid.closed, timeout, f"child {kid.id} to be closed")
+    async def closed(self, child: RawChild, timeout: float = 10.0) -> None:
+        await self.wait(lambda: child.closed, timeout, f"child {child.id} to be closed")
 
-    async def error(self, kid: Kid, kind: str, timeout: float = 10.0) -> Error:
-        await self.wait(lambda: kind in kid.error_kinds(), timeout,
-                        f"error {kind} for child {kid.id}")
-        return next(e for e in kid.errors if e.kind == kind)
+    async def error(self, child: RawChild, kind: str, timeout: float = 10.0) -> Error:
+        await self.wait(lambda: kind in child.error_kinds(), timeout,
+                        f"error {kind} for child {child.id}")
+        return next(e for e in child.errors if e.kind == kind)
 
-    async def ack(self, kid: Kid, timeout: float = 10.0) -> SignalAck:
-        await self.wait(lambda: bool(kid.acks), timeout, f"signal_ack for child {kid.id}")
-        return kid.acks.pop(0)
+    async def ack(self, child: RawChild, timeout: float = 10.0) -> SignalAck:
+        await self.wait(lambda: bool(child.acks), timeout, f"signal_ack for child {child.id}")
+        return child.acks.pop(0)
 
     async def run(self, argv: Sequence[str | bytes], *, stdin: bytes = b"",
-                  timeout: float = 10.0, **fields: Any) -> Kid:
+                  timeout: float = 10.0, **fields: Any) -> RawChild:
         """Run a child to completion (stdin, eof, exit, output eofs) and close it."""
-        kid = self.exec(argv, **fields)
+        child = self.exec(argv, **fields)
         if stdin:
-            await self.write(kid.id, 0, stdin)
-        self.eof(kid.id)
-        await self.finished(kid, timeout)
-        self.close(kid.id)
-        await self.closed(kid, timeout)
-        return kid
+            await self.write(child.id, 0, stdin)
+        self.eof(child.id)
+        await self.finished(child, timeout)
+        self.close(child.id)
+        await self.closed(child, timeout)
+        return child
 
-    async def output_is(self, kid: Kid, expected: bytes, ch: int = 1,
+    async def output_is(self, child: RawChild, expected: bytes, ch: int = 1,
                         timeout: float = 10.0) -> None:
         """Wait until the channel has received ``len(expected)`` bytes; assert they are
         exactly ``expected``."""
-        await self.wait(lambda: len(kid.out.get(ch, b"")) >= len(expected), timeout,
-                        f"{len(expected)} bytes on channel {ch} of child {kid.id}")
-        assert kid.output(ch) == expected
+        await self.wait(lambda: len(child.out.get(ch, b"")) >= len(expected), timeout,
+                        f"{len(expected)} bytes on channel {ch} of child {child.id}")
+        assert child.output(ch) == expected
 
-    async def count_is(self, kid: Kid, count: int, ch: int = 1,
+    async def count_is(self, child: RawChild, count: int, ch: int = 1,
                        timeout: float = 10.0) -> None:
         """Wait until exactly ``count`` bytes have arrived on the channel."""
-        await self.wait(lambda: kid.count.get(ch, 0) >= count, timeout,
-                        f"{count} bytes on channel {ch} of child {kid.id}")
-        assert kid.count[ch] == count
+        await self.wait(lambda: child.count.get(ch, 0) >= count, timeout,
+                        f"{count} bytes on channel {ch} of child {child.id}")
+        assert child.count[ch] == count
 
     async def errors_are(self, count: int, timeout: float = 10.0) -> None:
         """Wait until ``count`` error frames have arrived in all."""
         await self.wait(lambda: len(self.errors) >= count, timeout, f"{count} errors")
 
-    async def echo(self, kid: Kid, payload: bytes, timeout: float = 10.0) -> None:
+    async def echo(self, child: RawChild, payload: bytes, timeout: float = 10.0) -> None:
         """One round trip through a ``cat`` child: what we write comes back, exactly."""
-        before = kid.count.get(1, 0)
-        await self.write(kid.id, 0, payload)
-        await self.wait(lambda: kid.count.get(1, 0) >= before + len(payload), timeout,
-                        f"echo from child {kid.id}")
-        assert kid.output(1)[before:] == payload
+        before = child.count.get(1, 0)
+        await self.write(child.id, 0, payload)
+        await self.wait(lambda: child.count.get(1, 0) >= before + len(payload), timeout,
+                        f"echo from child {child.id}")
+        assert child.output(1)[before:] == payload
 
     async def aclose_write(self) -> None:
         """Close our sending side: the agent sees EOF."""

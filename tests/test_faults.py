@@ -147,12 +147,12 @@ async def test_stopped_children_are_continued_so_they_handle_term() -> None:
     ]
     async with spawned("--grace", "60") as agent_process:
         raw = agent_process.raw
-        kids = [raw.exec(argv) for argv in handlers]
-        leaders = [await raw.started(kid) for kid in kids]  # in the order of handlers
+        children = [raw.exec(argv) for argv in handlers]
+        leaders = [await raw.started(child) for child in children]  # in the order of handlers
         await wait_until(lambda: len(group_members(leaders[0])) == 2, 10, "the grandchild")
         pids = [p for leader in leaders for p in group_members(leader)]
-        for kid in kids:
-            raw.signal(kid.id, "STOP")
+        for child in children:
+            raw.signal(child.id, "STOP")
         await wait_until(lambda: all(_state(p) == "T" for p in pids), 10,
                          "every process to be stopped")
         await raw.aclose_write()
