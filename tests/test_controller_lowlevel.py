@@ -2,10 +2,11 @@
 ``Agent.start_process_soon`` and ``RemoteProcess.wait_started`` (send the exec, learn
 the start or the spawn failure and its 127/126 status), ``receive_buffered`` (the
 output written before the exit, taken without waiting for EOF) and ``collapse_group``
-(a nursery's group of AgentLost as one)."""
+(a nursery's group of AgentLost as one); and that mproxy-exec needs nothing else."""
 
 from __future__ import annotations
 
+import ast
 import errno
 import os
 import signal
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from conftest import GRACE_ARGS, wait_until
+from conftest import GRACE_ARGS, ROOT, wait_until
 
 import controller
 
@@ -190,3 +191,39 @@ async def test_collapse_group_turns_the_agents_loss_in_every_task_into_one() -> 
             single = controller.collapse_group(raised.value)
             assert isinstance(single, controller.AgentLost)
             assert single is raised.value.exceptions[0]
+
+
+# ---------------------------------------------------------------- mproxy-exec
+
+
+def _private_uses(tree: ast.AST) -> list[str]:
+    """Every use of another module's or object's private name (``_x``; not ``self._x``,
+    not dunders) in ``tree``: imports, attributes, getattr with a constant name."""
+    def private(name: str) -> bool:
+        return name.startswith("_") and not name.startswith("__")
+
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            parts = (node.module or "").split(".")
+            names = [alias.name for alias in node.names]
+            if any(map(private, parts)) or any(map(private, names)):
+                found.append(f"line {node.lineno}: from {'.' * node.level}{node.module} "
+                             f"import {', '.join(names)}")
+        elif isinstance(node, ast.Import):
+            found += [f"line {node.lineno}: import {alias.name}" for alias in node.names
+                      if any(map(private, alias.name.split(".")))]
+        elif isinstance(node, ast.Attribute) and private(node.attr):
+            if not (isinstance(node.value, ast.Name) and node.value.id == "self"):
+                found.append(f"line {node.lineno}: {ast.unparse(node)}")
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+              and node.func.id in ("getattr", "hasattr") and len(node.args) > 1
+              and isinstance(node.args[1], ast.Constant)
+              and isinstance(node.args[1].value, str) and private(node.args[1].value)):
+            found.append(f"line {node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_mproxy_exec_uses_only_the_public_api() -> None:
+    tree = ast.parse((ROOT / "controller" / "_cli.py").read_text())
+    assert _private_uses(tree) == []
