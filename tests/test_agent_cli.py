@@ -63,7 +63,7 @@ def test_help() -> None:
 async def test_python_m_agent_speaks_the_protocol() -> None:
     async with spawned() as agent_process:
         raw = agent_process.raw
-        hello = raw.conn.their_hello
+        hello = raw.hello
         assert hello is not None
         assert (hello.impl, hello.impl_version) == ("mproxy-agent", agent.__version__)
         child = await raw.run(["echo", "hello"])

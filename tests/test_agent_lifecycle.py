@@ -270,8 +270,8 @@ async def test_agent_contains_its_children_in_a_cgroup_it_removes_at_exit() -> N
     ours = _cgroup.cgroup_dir()
     async with spawned("--grace", str(GRACE)) as agent:
         raw = agent.raw
-        assert raw.conn.their_hello is not None
-        assert "cgroup" in raw.conn.their_hello.caps
+        assert raw.hello is not None
+        assert "cgroup" in raw.hello.caps
         child = raw.exec(["sh", "-c", "sleep 100 & wait"])
         await raw.started(child)
         contained = _cgroup.cgroup_dir(agent.pid)
@@ -380,8 +380,8 @@ async def test_an_agent_started_by_an_agent_is_ended_with_it() -> None:
 @needs_cgroups
 async def test_no_cgroup_leaves_the_agent_where_it_was() -> None:
     async with spawned("--no-cgroup") as agent:
-        assert agent.raw.conn.their_hello is not None
-        assert "cgroup" not in agent.raw.conn.their_hello.caps
+        assert agent.raw.hello is not None
+        assert "cgroup" not in agent.raw.hello.caps
         assert _cgroup.cgroup_dir(agent.pid) == _cgroup.cgroup_dir()
 
 
@@ -398,8 +398,8 @@ async def test_agent_serves_without_a_cgroup_where_it_cannot_make_one() -> None:
         async with spawned("--log-level", "debug", prefix=enter,
                            stderr=subprocess.PIPE) as agent:
             raw = agent.raw
-            assert raw.conn.their_hello is not None
-            assert "cgroup" not in raw.conn.their_hello.caps
+            assert raw.hello is not None
+            assert "cgroup" not in raw.hello.caps
             assert _cgroup.cgroup_dir(agent.pid) == cage
             await raw.echo(raw.exec(["cat"]), b"served without a cgroup")
             await raw.aclose_write()
