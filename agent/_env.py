@@ -8,15 +8,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from protocol import Exec
+from protocol import DEFAULT_ENV_KEEP, DEFAULT_ENV_REMOVE, Exec
 
-__all__ = ["DEFAULT_KEEP", "DEFAULT_POLICY", "DEFAULT_REMOVE", "EnvPolicy", "child_environment"]
-
-DEFAULT_KEEP: Final = (
-    "HOME", "PATH", "TERM", "LANG", "LC_*", "USER", "LOGNAME", "SHELL", "EDITOR", "VISUAL",
-    "PAGER", "TZ", "DISPLAY", "SSH_AUTH_SOCK", "XDG_*",
-)
-DEFAULT_REMOVE: Final = ("LD_PRELOAD", "LD_LIBRARY_PATH", "MPROXY_*")
+__all__ = ["DEFAULT_POLICY", "EnvPolicy", "child_environment"]
 
 
 class _Pattern:
@@ -71,7 +65,7 @@ class EnvPolicy:
         }
 
 
-DEFAULT_POLICY: Final = EnvPolicy.from_patterns(DEFAULT_KEEP, DEFAULT_REMOVE)
+DEFAULT_POLICY: Final = EnvPolicy.from_patterns(DEFAULT_ENV_KEEP, DEFAULT_ENV_REMOVE)
 
 
 def child_environment(frame: Exec, inherited: Mapping[bytes, bytes]) -> list[bytes]:

@@ -21,7 +21,7 @@ from ._creds import Credentials, sudo_credentials
 from ._errors import SpawnError, StepFailed, popen_step
 from ._fdplan import plan
 from ._limits import child_fd_limit
-from ._spec import Exec, Spec, validate
+from ._spec import ResolvedSpec, Spec, validate
 
 if sys.platform != "win32":
     import fcntl
@@ -89,7 +89,7 @@ class Command:
     """
 
     __slots__ = (
-        "_exe", "_extra", "_lock", "_state", "_stdio",
+        "_extra", "_lock", "_resolved", "_state", "_stdio",
         "credentials", "mechanism", "path", "spec",
     )  # fmt: skip
 
@@ -97,17 +97,17 @@ class Command:
         self,
         *,
         spec: Spec,
-        exe: Exec,
+        resolved: ResolvedSpec,
         credentials: Credentials | None,
         mechanism: Mechanism,
         stdio: tuple[int, int, int],
         extra: dict[int, int],
     ) -> None:
         self.spec = spec
-        self.path = exe.path
+        self.path = resolved.path
         self.credentials = credentials
         self.mechanism = mechanism
-        self._exe = exe
+        self._resolved = resolved
         self._stdio = stdio  # the child's ends of its stdin, stdout and stderr pipes
         self._extra = extra  # child fd number -> the child's end of its socketpair
         self._lock = threading.Lock()
@@ -152,7 +152,7 @@ class Command:
                 raise RuntimeError(f"Command.start called on a {self._state} command")
             self._state = "started"
             try:
-                proc = self._spawn(self._exe)
+                proc = self._spawn(self._resolved)
             except StepFailed as e:
                 if e.step != "exec" or e.errno != errno.ENOEXEC or e.strerror is not None:
                     raise self._error(e) from None
@@ -166,59 +166,64 @@ class Command:
                 resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, limit)
         return proc
 
-    def _spawn(self, exe: Exec) -> subprocess.Popen[bytes]:
+    def _spawn(self, resolved: ResolvedSpec) -> subprocess.Popen[bytes]:
         if self.mechanism == "popen":
-            return self._start_popen(exe)
+            return self._start_popen(resolved)
         if self.mechanism == "posix_spawn":
-            return _SpawnedPopen(exe.argv, functools.partial(self._posix_spawn, exe))
-        return self._start_trampoline(exe)
+            return _SpawnedPopen(resolved.argv, functools.partial(self._posix_spawn, resolved))
+        return self._start_trampoline(resolved)
 
     def _spawn_with_shell(self, refused: StepFailed) -> subprocess.Popen[bytes]:
         """Start the program as a shell script: glibc's execvp on ENOEXEC."""
-        exe = self._exe
-        script = dataclasses.replace(exe, path=_SHELL, argv=(_SHELL, exe.path, *exe.argv[1:]))
+        resolved = self._resolved
+        script = dataclasses.replace(
+            resolved, path=_SHELL, argv=(_SHELL, resolved.path, *resolved.argv[1:])
+        )
         try:
             return self._spawn(script)
         except StepFailed as e:
             # Without a usable shell, the program's own error is the one that explains.
             raise self._error(refused if e.step == "exec" else e) from None
 
-    def _start_popen(self, exe: Exec) -> subprocess.Popen[bytes]:
+    def _start_popen(self, resolved: ResolvedSpec) -> subprocess.Popen[bytes]:
         try:
             return subprocess.Popen(
-                exe.argv,
-                executable=exe.path,
+                resolved.argv,
+                executable=resolved.path,
                 stdin=self._stdio[0],
                 stdout=self._stdio[1],
                 stderr=self._stdio[2],
-                env=None if exe.env is None else dict(exe.env),
-                cwd=exe.cwd,
+                env=None if resolved.env is None else dict(resolved.env),
+                cwd=resolved.cwd,
                 close_fds=True,
                 process_group=0,
                 restore_signals=True,
             )
         except OSError as e:
-            raise StepFailed(popen_step(e, exe.path, exe.cwd), e.errno or errno.EIO) from None
+            step = popen_step(e, resolved.path, resolved.cwd)
+            raise StepFailed(step, e.errno or errno.EIO) from None
 
-    def _posix_spawn(self, exe: Exec) -> int:
-        env = None if exe.env is None else [name + b"=" + value for name, value in exe.env]
-        sys.audit("subprocess.Popen", exe.path, exe.argv, exe.cwd, env)
+    def _posix_spawn(self, resolved: ResolvedSpec) -> int:
+        env = (None if resolved.env is None
+               else [name + b"=" + value for name, value in resolved.env])
+        sys.audit("subprocess.Popen", resolved.path, resolved.argv, resolved.cwd, env)
         targets = dict(enumerate(self._stdio)) | self._extra
         try:
-            return _posix_spawn.spawn(exe.path, exe.argv, env, exe.cwd, plan(targets))
+            return _posix_spawn.spawn(resolved.path, resolved.argv, env, resolved.cwd,
+                                      plan(targets))
         except _posix_spawn.FileActionError as e:
             raise StepFailed("fds", e.errno or errno.EIO) from None
         except OSError as e:
             # glibc reports the errno of whichever of chdir, the fd actions or exec failed.
-            chdir = exe.cwd is not None and not _can_enter(exe.cwd)
+            chdir = resolved.cwd is not None and not _can_enter(resolved.cwd)
             raise StepFailed("chdir" if chdir else "exec", e.errno or errno.EIO) from None
 
-    def _start_trampoline(self, exe: Exec) -> subprocess.Popen[bytes]:
+    def _start_trampoline(self, resolved: ResolvedSpec) -> subprocess.Popen[bytes]:
         return _trampoline.spawn(
-            path=exe.path,
-            argv=exe.argv,
-            env=tuple(os.environb.items()) if exe.env is None else exe.env,
-            cwd=exe.cwd,
+            path=resolved.path,
+            argv=resolved.argv,
+            env=tuple(os.environb.items()) if resolved.env is None else resolved.env,
+            cwd=resolved.cwd,
             creds=self.credentials,
             stdio=self._stdio,
             extra=self._extra,
@@ -226,18 +231,18 @@ class Command:
         )
 
     def _error(self, failed: StepFailed) -> SpawnError:
-        step, number, exe, creds = failed.step, failed.errno, self._exe, self.credentials
+        step, number, resolved, creds = failed.step, failed.errno, self._resolved, self.credentials
         program = os.fsdecode(self.spec.path)
         if failed.strerror is not None:
             return SpawnError(number, step, program, failed.strerror)
         if step == "exec":
-            missing = _missing_interpreter(exe) if number == errno.ENOENT else None
+            missing = _missing_interpreter(resolved) if number == errno.ENOENT else None
             return SpawnError(number, step, program, missing)
         strerror = os.strerror(number)
         if step == "chdir":
-            assert exe.cwd is not None
+            assert resolved.cwd is not None
             who = "" if creds is None else f" as uid {creds.uid}"
-            what = f"cannot enter directory {_q(exe.cwd)}{who}"
+            what = f"cannot enter directory {_q(resolved.cwd)}{who}"
         elif step == "credentials":
             assert creds is not None
             what = f"cannot switch to uid {creds.uid}, gid {creds.gid}, groups {list(creds.groups)}"
@@ -289,9 +294,9 @@ def build(spec: Spec) -> tuple[Command, Pipes]:
             "childproc.build is not implemented on Windows: the Go original's elevated-token "
             "and console process group handling has not been ported"
         )
-    exe = validate(spec)
+    resolved = validate(spec)
     credentials = sudo_credentials(spec.drop_sudo_credentials)
-    mechanism = _mechanism(spec, exe, credentials)
+    mechanism = _mechanism(spec, resolved, credentials)
     owned: _Owned = []
     try:
         stdin, stdin_r = _pipe(owned, "w")
@@ -299,7 +304,7 @@ def build(spec: Spec) -> tuple[Command, Pipes]:
         stderr, stderr_w = _pipe(owned, "r")
         extra: dict[int, socket.socket] = {}
         child_extra: dict[int, int] = {}
-        for number in exe.extra_fds:
+        for number in resolved.extra_fds:
             extra[number], child_extra[number] = _socketpair(owned)
     except OSError as e:
         _close_all(owned)
@@ -313,7 +318,7 @@ def build(spec: Spec) -> tuple[Command, Pipes]:
         raise
     command = Command(
         spec=spec,
-        exe=exe,
+        resolved=resolved,
         credentials=credentials,
         mechanism=mechanism,
         stdio=(stdin_r, stdout_w, stderr_w),
@@ -322,10 +327,10 @@ def build(spec: Spec) -> tuple[Command, Pipes]:
     return command, Pipes(stdin, stdout, stderr, extra)
 
 
-def _mechanism(spec: Spec, exe: Exec, credentials: Credentials | None) -> Mechanism:
-    if not exe.extra_fds:
+def _mechanism(spec: Spec, resolved: ResolvedSpec, credentials: Credentials | None) -> Mechanism:
+    if not resolved.extra_fds:
         return "popen" if credentials is None else "trampoline"
-    highest = exe.extra_fds[-1]
+    highest = resolved.extra_fds[-1]
     limit = os.sysconf("SC_OPEN_MAX")
     if highest >= limit:
         raise SpawnError(
@@ -333,7 +338,7 @@ def _mechanism(spec: Spec, exe: Exec, credentials: Credentials | None) -> Mechan
             f"cannot place fd {highest} in the child (RLIMIT_NOFILE soft limit {limit}): "
             f"{os.strerror(errno.EBADF)}",
         )  # fmt: skip
-    gaps = highest - 2 - len(exe.extra_fds)  # fds in 3..highest that the child must not get
+    gaps = highest - 2 - len(resolved.extra_fds)  # fds in 3..highest that the child must not get
     if credentials is None and gaps <= _MAX_CLOSE_ACTIONS and _posix_spawn.available():
         return "posix_spawn"
     return "trampoline"
@@ -387,13 +392,13 @@ def _q(name: bytes) -> str:
     return repr(os.fsdecode(name))
 
 
-def _missing_interpreter(exe: Exec) -> str | None:
+def _missing_interpreter(resolved: ResolvedSpec) -> str | None:
     """Why exec failed with ENOENT although the program exists: the interpreter its #!
     line names does not exist (the kernel reports that as the program's ENOENT). None
     when the program itself is missing, or the cause is something else (a missing
     dynamic loader)."""
     try:
-        head = _read_head(exe.path, exe.cwd)
+        head = _read_head(resolved.path, resolved.cwd)
     except OSError:
         return None  # the program itself is not there
     if not head.startswith(b"#!"):
@@ -405,7 +410,7 @@ def _missing_interpreter(exe: Exec) -> str | None:
     if not interpreter:
         return None
     try:
-        _read_head(interpreter, exe.cwd)
+        _read_head(interpreter, resolved.cwd)
     except FileNotFoundError:
         return f"interpreter {_q(interpreter)} (from #!) not found"
     except OSError:

@@ -44,8 +44,9 @@ class Spec:
 
 
 @dataclass(frozen=True)
-class Exec:
-    """A validated Spec in the form the spawn mechanisms consume."""
+class ResolvedSpec:
+    """A Spec validated and resolved (path looked up in PATH, strings encoded, env
+    names made unique), in the form the spawn mechanisms consume."""
 
     path: bytes  # resolved against PATH when the spec's path had no "/"
     argv: tuple[bytes, ...]
@@ -54,7 +55,7 @@ class Exec:
     extra_fds: tuple[int, ...]  # sorted
 
 
-def validate(spec: Spec) -> Exec:
+def validate(spec: Spec) -> ResolvedSpec:
     """Check and encode every field of spec; ValueError/TypeError names the culprit."""
     path = _encode(spec.path, "path")
     if not path:
@@ -66,7 +67,7 @@ def validate(spec: Spec) -> Exec:
         raise ValueError("argv is empty; it must hold at least argv[0]")
     env = None if spec.env is None else _dedup_env(spec.env)
     cwd = None if spec.cwd is None else _encode(spec.cwd, "cwd") or None
-    return Exec(_lookpath(path, env), argv, env, cwd, _check_fds(spec.extra_fds))
+    return ResolvedSpec(_lookpath(path, env), argv, env, cwd, _check_fds(spec.extra_fds))
 
 
 def _encode(value: str | bytes, what: str) -> bytes:

@@ -14,7 +14,7 @@ The ``mproxy-exec`` command line is in ``controller._cli``.
 """
 
 from ._agent import Agent, connect, open_agent
-from ._errors import AgentClosed, AgentError, AgentLost, RemoteError
+from ._errors import AgentClosed, AgentError, AgentLost, RemoteError, collapse_group
 from ._process import RemoteProcess
 from ._streams import RemoteFdStream, RemoteReceiveStream, RemoteSendStream
 
@@ -28,6 +28,7 @@ __all__ = [
     "RemoteProcess",
     "RemoteReceiveStream",
     "RemoteSendStream",
+    "collapse_group",
     "connect",
     "open_agent",
 ]

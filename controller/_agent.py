@@ -45,7 +45,7 @@ from protocol import (
     Window,
 )
 
-from ._errors import AgentClosed, AgentLost, RemoteError
+from ._errors import AgentClosed, AgentLost, RemoteError, collapse_group
 from ._process import _KILL_WAIT, RemoteProcess
 
 __all__ = ["Agent", "connect", "open_agent"]
@@ -226,7 +226,7 @@ class Agent:
 
     # ------------------------------------------------------------------ API
 
-    def _start(
+    def start_process_soon(
         self,
         argv: Sequence[StrOrBytes | os.PathLike[str]],
         *,
@@ -239,9 +239,19 @@ class Agent:
         drop_sudo_credentials: bool = False,
         stdin_eof: bool = False,
     ) -> RemoteProcess:
-        """Send the exec (and the stdin eof with it) and return the process, not yet
-        started. Argument errors raise ValueError/TypeError naming the argument before
-        anything is sent or an id is taken."""
+        """Send the exec for ``argv`` and return its process at once, before the agent
+        has started it (no round trip): :meth:`RemoteProcess.wait_started` waits for
+        the start and raises a spawn failure; after a failure ``wait()`` returns the
+        exit status (127 or 126). The arguments are :meth:`open_process`'s; with
+        ``stdin_eof`` the end of the child's stdin goes with the exec, in the same write
+        (the child reads end of input at once; ``process.stdin`` is closed).
+
+        Bad arguments raise ValueError or TypeError naming the argument, and argv and
+        env beyond the agent's frame limit OSError (E2BIG), before anything is sent or
+        an id is taken; raises :class:`AgentLost`, and :class:`AgentClosed` once the
+        agent's block has ended. Otherwise the caller owns the process from the return
+        on, whether it starts or not: use ``async with`` or ``aclose()`` to release
+        it."""
         self._check_open()
         if not isinstance(drop_sudo_credentials, bool):
             raise TypeError(
@@ -310,12 +320,12 @@ class Agent:
         :class:`AgentClosed` once the agent's block has ended. The caller owns the
         process: use ``async with`` or ``aclose()`` to release it.
         """
-        process = self._start(
+        process = self.start_process_soon(
             argv, path=path, env=env, env_overrides=env_overrides, env_remove=env_remove,
             cwd=cwd, extra_fds=extra_fds, drop_sudo_credentials=drop_sudo_credentials,
         )
         try:
-            await process._wait_started()
+            await process.wait_started()
         except BaseException:
             await process.aclose()
             raise
@@ -351,7 +361,7 @@ class Agent:
         agent ahead of any later request.
         """
         stdin_data = _stdin_bytes(stdin)
-        process = self._start(
+        process = self.start_process_soon(
             argv, path=path, env=env, env_overrides=env_overrides, env_remove=env_remove,
             cwd=cwd, drop_sudo_credentials=drop_sudo_credentials, stdin_eof=not stdin_data,
         )
@@ -383,14 +393,14 @@ class Agent:
                 async with trio.open_nursery() as readers:
                     readers.start_soon(collect, 1)
                     readers.start_soon(collect, 2)
-                    await process._wait_started()
+                    await process.wait_started()
                     await process.wait()
                     # All output written before the exit arrived before it; a background
                     # process still holding the pipes must not keep us waiting.
                     readers.cancel_scope.cancel()
-                for ch in (1, 2):
-                    for chunk in process._outputs[ch].take_buffered():
-                        await sink(ch, chunk)
+                for ch, stream in ((1, process.stdout), (2, process.stderr)):
+                    if rest := stream.receive_buffered():
+                        await sink(ch, rest)
                 nursery.cancel_scope.cancel()
 
         try:
@@ -598,28 +608,13 @@ async def _write_local(ch: int, chunk: bytes) -> None:
         await trio.to_thread.run_sync(write)
 
 
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
-    return [exc]
-
-
-def _collapse(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """What our own nurseries' group means to a caller: its only exception, or the
-    agent's loss when that is what every task hit; else the group itself."""
-    leaves = _leaves(group)
-    if len(leaves) == 1 or all(isinstance(leaf, AgentLost) for leaf in leaves):
-        return leaves[0]
-    return group
-
-
 async def _collapsing(body: Callable[[], Awaitable[None]]) -> None:
     """Run ``body`` (which opens nurseries of ours, running none of the caller's code),
     raising a single failure as itself rather than inside ExceptionGroups."""
     try:
         await body()
     except BaseExceptionGroup as group:
-        exc = _collapse(group)
+        exc = collapse_group(group)
         if exc is group:
             raise
         raise exc from exc.__cause__

@@ -28,13 +28,18 @@ import trio
 
 import childproc
 from agent import __version__
-from agent._env import DEFAULT_KEEP, DEFAULT_REMOVE
-from protocol import CAP_STOP
+from protocol import CAP_STOP, DEFAULT_ENV_KEEP, DEFAULT_ENV_REMOVE
 
-from ._agent import Agent, _collapse, open_agent
-from ._errors import AgentError, RemoteError
-from ._process import RemoteProcess
-from ._streams import RemoteFdStream, RemoteReceiveStream
+from . import (
+    Agent,
+    AgentError,
+    RemoteError,
+    RemoteFdStream,
+    RemoteProcess,
+    RemoteReceiveStream,
+    collapse_group,
+    open_agent,
+)
 
 __all__ = ["main"]
 
@@ -72,9 +77,9 @@ environment:
   With the default agent (a local one), PROG gets exactly mproxy-exec's environment, as
   if it were run here. With --agent or --ssh, it gets the agent's own environment (over
   ssh: the remote login's) filtered by the agent's policy, which by default
-{textwrap.fill(" ".join(DEFAULT_KEEP), 88, initial_indent="    keeps    ",
+{textwrap.fill(" ".join(DEFAULT_ENV_KEEP), 88, initial_indent="    keeps    ",
                subsequent_indent=" " * 13)}
-{textwrap.fill(" ".join(DEFAULT_REMOVE), 88, initial_indent="    removes  ")}
+{textwrap.fill(" ".join(DEFAULT_ENV_REMOVE), 88, initial_indent="    removes  ")}
   (remove wins; every other variable is dropped). Then --unset removes and --env sets
   variables; --clear-env starts from an empty environment instead.
 
@@ -422,15 +427,19 @@ class _Session:
                     # buffered, but do not wait for a background process holding the pipes.
                     output_nursery.cancel_scope.cancel()
                 for stream, fd, _ in outputs:
-                    for chunk in _buffered(stream):
-                        try:
-                            await local_outputs[fd].write(chunk)
-                        except BrokenPipeError:
-                            break
-                        except OSError as exc:
-                            print(f"mproxy-exec: writing fd {fd}: {exc.strerror}; "
-                                  "discarding the rest", file=sys.stderr)
-                            break
+                    try:
+                        rest = stream.receive_buffered()
+                    except trio.ClosedResourceError:
+                        continue  # pump_out closed it: its fd failed
+                    if not rest:
+                        continue
+                    try:
+                        await local_outputs[fd].write(rest)
+                    except BrokenPipeError:
+                        pass
+                    except OSError as exc:
+                        print(f"mproxy-exec: writing fd {fd}: {exc.strerror}; "
+                              "discarding the rest", file=sys.stderr)
             finally:
                 with trio.CancelScope(shield=True):
                     for local in local_outputs.values():
@@ -449,11 +458,6 @@ def _let_go(fd: int) -> None:
         os.dup2(devnull, fd, inheritable=False)
     finally:
         os.close(devnull)
-
-
-def _buffered(stream: _OutputStream) -> list[bytes]:
-    incoming = getattr(stream, "_in", None)
-    return incoming.take_buffered() if incoming is not None else []
 
 
 def _env_overrides(items: list[str]) -> dict[str | bytes, str | bytes]:
@@ -504,7 +508,7 @@ async def _run(args: argparse.Namespace, command: list[str] | None,
     verbose_args = ["--log-level", "debug"] if args.verbose and args.agent is None else []
     async with open_agent(command, agent_args=verbose_args) as agent:
         try:
-            process = agent._start(
+            process = agent.start_process_soon(
                 args.program,
                 env=_environment(args, command),
                 env_overrides=env_overrides,
@@ -520,7 +524,7 @@ async def _run(args: argparse.Namespace, command: list[str] | None,
             return 126  # what a shell exits with when exec fails so
         async with process:
             try:
-                await process._wait_started()
+                await process.wait_started()
             except (OSError, RemoteError) as exc:
                 message = exc.strerror if isinstance(exc, OSError) else exc.message
                 print(f"mproxy-exec: {_shown(args.program[0])}: {message or exc}",
@@ -606,7 +610,7 @@ def _failure_status(exc: BaseException) -> tuple[int, signal.Signals | None]:
     process by instead (SIGINT for a KeyboardInterrupt: trio's own SIGINT handler got
     it, outside our receiver); re-raise what is a bug."""
     if isinstance(exc, BaseExceptionGroup):
-        single = _collapse(exc)  # e.g. AgentLost hit by several tasks at once
+        single = collapse_group(exc)  # e.g. AgentLost hit by several tasks at once
         if single is exc:
             raise exc
         exc = single

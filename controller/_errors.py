@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import trio
 
-__all__ = ["AgentClosed", "AgentError", "AgentLost", "RemoteError"]
+__all__ = ["AgentClosed", "AgentError", "AgentLost", "RemoteError", "collapse_group"]
 
 
 class AgentError(Exception):
@@ -31,3 +31,20 @@ class RemoteError(AgentError):
         self.kind = kind
         self.message = message
         self.errno = errno
+
+
+def collapse_group(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """What a nursery's ExceptionGroup means when its tasks all used one agent: the
+    group's only exception when it holds one (however deeply nested), the first
+    :class:`AgentLost` when every exception in it is one (the agent's loss, hit by
+    several tasks at once); otherwise ``group`` itself, unchanged. Never raises."""
+    leaves = _leaves(group)
+    if len(leaves) == 1 or all(isinstance(leaf, AgentLost) for leaf in leaves):
+        return leaves[0]
+    return group
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]

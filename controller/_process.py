@@ -113,7 +113,7 @@ class RemoteProcess:
         self._agent = agent
         self.id = id
         self.args = args
-        self._pid: int | None = None  # None until started: only before open_process returns
+        self._pid: int | None = None  # None until started (see wait_started)
         self.returncode: int | None = None
         self.exit_code: int | None = None
         self.signal: str | None = None  # name of the signal that killed it
@@ -149,8 +149,9 @@ class RemoteProcess:
     def pid(self) -> int:
         """The child's process id on the agent's machine, also its process group's id.
 
-        A process from open_process has started; one seen in ``Agent.processes`` may
-        not have yet, and raises RuntimeError until it has."""
+        A process from open_process has started; one from ``start_process_soon`` (or
+        seen in ``Agent.processes``) may not have yet, and raises RuntimeError until it
+        has (see :meth:`wait_started`)."""
         if self._pid is None:
             raise RuntimeError(f"process {self.id} has not started yet")
         return self._pid
@@ -226,7 +227,18 @@ class RemoteProcess:
 
     # ------------------------------------------------------------------ API
 
-    async def _wait_started(self) -> None:
+    async def wait_started(self) -> None:
+        """Wait until the agent has started the child (``pid``, ``uid`` and ``gid`` are
+        set then); return at once if it has. For a process from
+        :meth:`Agent.start_process_soon` (one from ``open_process`` has started).
+
+        Raises the child's spawn failure, each time it is called (``spawn_error`` keeps
+        it): OSError (FileNotFoundError, PermissionError, ...; ``filename`` is the
+        program) when it could not be started, :class:`RemoteError` for another refusal
+        (``too-many-children``). The exit status follows such a failure: ``wait()``
+        returns it, with ``exit_code`` 127 when the program was not found and 126 for
+        any other failure, as a shell reports them. Raises AgentLost once the agent is
+        lost. Cancelling the wait leaves the process as it is."""
         await self._started.wait()
         if self.spawn_error is not None:
             raise self.spawn_error

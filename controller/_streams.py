@@ -130,12 +130,17 @@ class _Incoming:
     def wake(self) -> None:
         self._lot.unpark_all()
 
-    def take_buffered(self) -> list[bytes]:
-        """Remove and return what has arrived and not been read."""
-        chunks = [bytes(c) for c in self._chunks]
+    def receive_buffered(self) -> bytes:
+        """The streams' ``receive_buffered``: what has arrived and not been read, taken
+        without waiting, its credit granted."""
+        if self._busy:
+            raise trio.BusyResourceError("another task is receiving on this stream")
+        if self.closed:
+            raise trio.ClosedResourceError("the stream was closed")
+        parts = list(self._chunks)
         self._chunks.clear()
-        self._grant(sum(map(len, chunks)))
-        return chunks
+        self._grant(sum(map(len, parts)))
+        return b"".join(parts)
 
     def close(self) -> None:
         """The stream's ``aclose``: :meth:`stop_reading`, and have the agent stop the
@@ -277,6 +282,21 @@ class RemoteReceiveStream(trio.abc.ReceiveStream):
         nothing from the stream and written nothing into ``buffer``."""
         return await self._in.receive_into(buffer)
 
+    def receive_buffered(self) -> bytes:
+        """Take, without waiting, every byte that has arrived and not been read
+        (``b""`` when none has), granting the agent credit for it; not a checkpoint.
+
+        Everything the child wrote before it exited has arrived once
+        :meth:`RemoteProcess.wait` has returned (the protocol's ordering). So a reader
+        that stops at the exit, not at EOF (which a background process holding the
+        stream can delay for ever), cancels its reading task once ``wait()`` returns and
+        takes the rest with this: no byte written before the exit is lost.
+
+        Raises :class:`trio.ClosedResourceError` once the stream is closed on our side
+        (what arrived was discarded), :class:`trio.BusyResourceError` while another task
+        is receiving on it."""
+        return self._in.receive_buffered()
+
     async def aclose(self) -> None:
         """Read no more: the child's later writes to this stream fail with EPIPE (or
         kill it with SIGPIPE), as with a local pipe whose reader closed it."""
@@ -308,6 +328,10 @@ class RemoteFdStream(trio.abc.HalfCloseableStream):
     async def receive_into(self, buffer: Buffer) -> int:
         """As :meth:`RemoteReceiveStream.receive_into`."""
         return await self._in.receive_into(buffer)
+
+    def receive_buffered(self) -> bytes:
+        """As :meth:`RemoteReceiveStream.receive_buffered`."""
+        return self._in.receive_buffered()
 
     async def aclose(self) -> None:
         """Both directions: eof to the child, and what :meth:`RemoteReceiveStream.aclose`

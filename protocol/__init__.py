@@ -25,6 +25,8 @@ from ._connection import (
 from ._decoder import FrameDecoder, ZeroCopyFrameDecoder
 from ._errors import ErrorKind, LocalProtocolError, ProtocolError, RemoteProtocolError
 from ._frames import (
+    DEFAULT_ENV_KEEP,
+    DEFAULT_ENV_REMOVE,
     SIGNAL_NAMES,
     Close,
     Closed,
@@ -52,6 +54,8 @@ __all__ = [
     "CAP_STOP",
     "CONNECTION_CLOSED",
     "DATA_FRAME_OVERHEAD",
+    "DEFAULT_ENV_KEEP",
+    "DEFAULT_ENV_REMOVE",
     "DEFAULT_MAX_FRAME",
     "DEFAULT_WINDOW",
     "HEADER_SIZE",

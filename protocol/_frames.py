@@ -12,6 +12,8 @@ from typing import ClassVar
 from ._errors import ProtocolError
 
 __all__ = [
+    "DEFAULT_ENV_KEEP",
+    "DEFAULT_ENV_REMOVE",
     "SIGNAL_NAMES",
     "Close",
     "Closed",
@@ -42,6 +44,15 @@ SIGNAL_NAMES: frozenset[str] = frozenset((
     "PIPE", "ALRM", "TERM", "CHLD", "CONT", "STOP", "TSTP", "TTIN", "TTOU", "URG", "XCPU",
     "XFSZ", "VTALRM", "PROF", "WINCH", "IO", "PWR", "SYS",
 ))
+
+
+#: The agent's environment policy until a ``config`` frame replaces a list: the patterns
+#: of inherited variables it keeps, and of those it removes (remove wins).
+DEFAULT_ENV_KEEP: tuple[str, ...] = (
+    "HOME", "PATH", "TERM", "LANG", "LC_*", "USER", "LOGNAME", "SHELL", "EDITOR", "VISUAL",
+    "PAGER", "TZ", "DISPLAY", "SSH_AUTH_SOCK", "XDG_*",
+)
+DEFAULT_ENV_REMOVE: tuple[str, ...] = ("LD_PRELOAD", "LD_LIBRARY_PATH", "MPROXY_*")
 
 
 class Frame:

@@ -3,10 +3,12 @@ to synchronise: they wait for a condition with a deadline."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import functools
 import os
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,8 @@ from agent import _cgroup
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENT_ARGV = [sys.executable, "-m", "agent"]
+#: A short grace for the agents of the tests: a test's leftovers do not keep it long.
+GRACE_ARGS = ["--grace", "2"]
 
 
 @functools.cache
@@ -37,9 +41,8 @@ def cgroups_usable() -> bool:
         os.rmdir(probe)
 
 
-@pytest.fixture
-async def inproc_agent() -> AsyncIterator[controller.Agent]:
-    """A controller connected over in-memory streams to an agent served in this process."""
+@contextlib.asynccontextmanager
+async def _inproc_agent() -> AsyncIterator[controller.Agent]:
     agent_side, controller_side = trio.testing.memory_stream_pair()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(agent.serve, agent.StreamTransport(agent_side, agent_side))
@@ -48,10 +51,28 @@ async def inproc_agent() -> AsyncIterator[controller.Agent]:
 
 
 @pytest.fixture
+async def inproc_agent() -> AsyncIterator[controller.Agent]:
+    """A controller connected over in-memory streams to an agent served in this process."""
+    async with _inproc_agent() as connected:
+        yield connected
+
+
+@pytest.fixture
 async def local_agent() -> AsyncIterator[controller.Agent]:
     """A controller connected to a real `python -m agent` subprocess over pipes."""
-    async with controller.open_agent(agent_args=["--grace", "2"]) as connected:
+    async with controller.open_agent(agent_args=GRACE_ARGS) as connected:
         yield connected
+
+
+@pytest.fixture(params=["local", "inproc"])
+async def any_agent(request: pytest.FixtureRequest) -> AsyncIterator[controller.Agent]:
+    """Each of the two agents above, one per run of the test."""
+    if request.param == "local":
+        async with controller.open_agent(agent_args=GRACE_ARGS) as connected:
+            yield connected
+    else:
+        async with _inproc_agent() as connected:
+            yield connected
 
 
 async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0,
@@ -64,14 +85,44 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0,
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def proc_stat(pid: int) -> tuple[str, int, int] | None:
-    """(state, ppid, pgrp) of a process, or None if it is gone."""
+async def read_all(stream: trio.abc.ReceiveStream) -> bytes:
+    """Everything up to EOF."""
+    out = bytearray()
+    while chunk := await stream.receive_some():
+        out += chunk
+    return bytes(out)
+
+
+# ---------------------------------------------------------------------------- /proc
+
+
+def stat_fields(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (state is [0]), or None
+    when there is no such process (not even a zombie)."""
     try:
         raw = Path(f"/proc/{pid}/stat").read_bytes()
     except OSError:
         return None
-    fields = raw[raw.rfind(b")") + 2 :].split()
-    return fields[0].decode(), int(fields[1]), int(fields[2])
+    return raw[raw.rfind(b")") + 2 :].decode().split()
+
+
+def proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, ppid, pgrp) of a process, or None if it is gone."""
+    fields = stat_fields(pid)
+    if fields is None:
+        return None
+    return fields[0], int(fields[1]), int(fields[2])
+
+
+def gone(pid: int) -> bool:
+    """No such process, not even a zombie: it was reaped."""
+    return stat_fields(pid) is None
+
+
+def dead(pid: int) -> bool:
+    """Reaped, or a zombie (that nobody we control may reap: a re-parented orphan)."""
+    stat = proc_stat(pid)
+    return stat is None or stat[0] == "Z"
 
 
 def all_procs() -> dict[int, tuple[str, int, int]]:
@@ -84,9 +135,57 @@ def all_procs() -> dict[int, tuple[str, int, int]]:
     return out
 
 
-def group_members(pgid: int, *, include_zombies: bool = False) -> list[int]:
+def group_members(pgid: int) -> list[int]:
+    """Pids of the live processes (not zombies) in process group ``pgid``."""
     return [pid for pid, (state, _, pgrp) in all_procs().items()
-            if pgrp == pgid and (include_zombies or state != "Z")]
+            if pgrp == pgid and state != "Z"]
+
+
+def group_all(pgid: int) -> list[int]:
+    """Pids of every process in process group ``pgid``, zombies included."""
+    return [pid for pid, (_, _, pgrp) in all_procs().items() if pgrp == pgid]
+
+
+def session_members(sid: int) -> list[int]:
+    """Pids (zombies included) of every process in session ``sid``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = stat_fields(int(entry))
+            if fields is not None and int(fields[3]) == sid:
+                found.append(int(entry))
+    return found
+
+
+async def wait_all_gone(pids: Sequence[int], pgids: Sequence[int], timeout: float,
+                        what: str) -> None:
+    """Wait until none of ``pids`` exists (not even as a zombie) and no process (zombie or
+    not) is left in any of ``pgids``."""
+    def done() -> bool:
+        return all(gone(p) for p in pids) and not any(group_all(g) for g in pgids)
+
+    with trio.move_on_after(timeout):
+        while not done():
+            await trio.sleep(0.02)
+        return
+    left = {p: stat_fields(p) for p in pids if not gone(p)}
+    groups = {g: group_all(g) for g in pgids if group_all(g)}
+    raise AssertionError(f"{what}: still there after {timeout}s: pids {left}, groups {groups}")
+
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+@contextlib.contextmanager
+def subreaper() -> Iterator[None]:
+    """Make this (test) process a child subreaper for the duration: orphans of processes
+    we started come to us (to be reaped with os.waitpid) instead of to pid 1."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    try:
+        yield
+    finally:
+        libc.prctl(_PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
 
 
 def children_of(pid: int) -> dict[int, str]:

@@ -13,7 +13,8 @@ from collections.abc import Callable
 import msgpack
 import pytest
 import trio
-from agent_harness import Kid, Raw, gone, group_any, inproc, spawned, wait_all_gone
+from agent_harness import Raw, RawChild, inproc, spawned
+from conftest import gone, group_all, wait_all_gone
 
 from protocol import (
     DEFAULT_WINDOW,
@@ -40,23 +41,23 @@ def _frame(body: dict[str, object]) -> bytes:
 async def test_undecodable_stream_ends_the_agent_with_status_1() -> None:
     async with spawned("--grace", "1") as agent:
         raw = agent.raw
-        kids = [raw.exec(["cat"]), raw.exec(["sh", "-c", "sleep 100 & wait"])]
-        for kid in kids:
-            await raw.started(kid)
-        await wait_until_members(kids[1], 2)
-        pids = [p for k in kids for p in group_any(k.pid)]
+        children = [raw.exec(["cat"]), raw.exec(["sh", "-c", "sleep 100 & wait"])]
+        for child in children:
+            await raw.started(child)
+        await wait_until_members(children[1], 2)
+        pids = [p for k in children for p in group_all(k.pid)]
         raw.send_raw(b"\x00\x00\x00\x02\xc1\xc1")  # 0xc1 is never valid msgpack
         await raw.wait(raw.ended.is_set, 10, "the agent to end the stream")
         assert [(e.kind, e.id) for e in raw.errors] == [("malformed", None)]
         assert raw.end_reason == "EOF"
         with trio.fail_after(10):
             assert await agent.process.wait() == 1
-        await wait_all_gone(pids, [k.pid for k in kids], 2, "after a fatal error")
+        await wait_all_gone(pids, [k.pid for k in children], 2, "after a fatal error")
 
 
-async def wait_until_members(kid: Kid, count: int) -> None:
+async def wait_until_members(child: RawChild, count: int) -> None:
     with trio.fail_after(10):
-        while len(group_any(kid.pid)) < count:
+        while len(group_all(child.pid)) < count:
             await trio.sleep(0.01)
 
 
@@ -69,13 +70,13 @@ async def wait_until_members(kid: Kid, count: int) -> None:
 ])
 async def test_fatal_garbage_kills_the_children(garbage: bytes, kind: str) -> None:
     async with inproc(grace=1.0) as (raw, status):
-        kid = raw.exec(["cat"])
-        await raw.started(kid)
+        child = raw.exec(["cat"])
+        await raw.started(child)
         raw.send_raw(garbage)
         await raw.wait(raw.ended.is_set, 10, "the agent to end the stream")
         assert [e.kind for e in raw.errors] == [kind]
         assert status == [1]
-        assert gone(kid.pid)
+        assert gone(child.pid)
 
 
 @pytest.mark.parametrize("first", [
@@ -97,9 +98,9 @@ class Witness:
     """A cat child whose echoed bytes must stay exactly what we sent, and a check that
     a new exec works."""
 
-    def __init__(self, raw: Raw, kid: Kid) -> None:
+    def __init__(self, raw: Raw, child: RawChild) -> None:
         self.raw = raw
-        self.kid = kid
+        self.child = child
         self.sent = bytearray()
         self.round = 0
 
@@ -107,15 +108,15 @@ class Witness:
         self.round += 1
         chunk = f"round {self.round}|".encode() * 100
         self.sent += chunk
-        await self.raw.write(self.kid.id, 0, chunk)
-        await self.raw.wait(lambda: len(self.kid.output(1)) >= len(self.sent), 10,
+        await self.raw.write(self.child.id, 0, chunk)
+        await self.raw.wait(lambda: len(self.child.output(1)) >= len(self.sent), 10,
                             "the witness's echo")
-        assert self.kid.output(1) == bytes(self.sent)
+        assert self.child.output(1) == bytes(self.sent)
         fresh = await self.raw.run(["echo", "ok"])
         assert fresh.output(1) == b"ok\n" and not fresh.errors
 
 
-Case = tuple[str, Callable[[Kid], bytes], str, Callable[[Kid], int | None]]
+Case = tuple[str, Callable[[RawChild], bytes], str, Callable[[RawChild], int | None]]
 
 _CASES: list[Case] = [
     ("data for an unknown child", lambda w: encode(Data(777, 0, b"x")),
@@ -175,14 +176,14 @@ _CASES: list[Case] = [
 async def test_each_bad_frame_is_refused_and_nothing_else_changes() -> None:
     async with inproc() as (raw, status):
         witness = Witness(raw, raw.exec(["cat"]))
-        await raw.started(witness.kid)
+        await raw.started(witness.child)
         await witness.check()
         for name, make, kind, expected_id in _CASES:
             count = len(raw.errors)
-            raw.send_raw(make(witness.kid))
+            raw.send_raw(make(witness.child))
             await raw.errors_are(count + 1)
             error = raw.errors[count]
-            assert (error.kind, error.id) == (kind, expected_id(witness.kid)), name
+            assert (error.kind, error.id) == (kind, expected_id(witness.child)), name
             assert len(raw.errors) == count + 1, name
             await witness.check()
         # Data after eof: on a child of its own.
@@ -201,7 +202,7 @@ async def test_each_bad_frame_is_refused_and_nothing_else_changes() -> None:
         await raw.wait(lambda: len(late.errors) == 2, 10, "the second close's error")
         assert late.errors[1].kind == "bad-frame"
         await witness.check()
-        raw.eof(witness.kid.id)
-        await raw.finished(witness.kid)
-        assert witness.kid.eof[1] == len(witness.sent)
+        raw.eof(witness.child.id)
+        await raw.finished(witness.child)
+        assert witness.child.eof[1] == len(witness.sent)
     assert status == [0]

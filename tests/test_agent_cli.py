@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import trio
-from agent_harness import AGENT_ARGV, spawned
+from agent_harness import spawned
+from conftest import AGENT_ARGV
 
 import agent
 from protocol import (
@@ -62,11 +63,11 @@ def test_help() -> None:
 async def test_python_m_agent_speaks_the_protocol() -> None:
     async with spawned() as agent_process:
         raw = agent_process.raw
-        hello = raw.conn.their_hello
+        hello = raw.hello
         assert hello is not None
         assert (hello.impl, hello.impl_version) == ("mproxy-agent", agent.__version__)
-        kid = await raw.run(["echo", "hello"])
-        assert kid.output(1) == b"hello\n"
+        child = await raw.run(["echo", "hello"])
+        assert child.output(1) == b"hello\n"
         raw.send(Shutdown())
         await raw.wait(lambda: raw.goodbye, 10, "goodbye")
         with trio.fail_after(10):
@@ -156,8 +157,8 @@ async def test_inherited_fds_are_made_close_on_exec(tmp_path: Path) -> None:
                         .split("flags:")[1].split()[0], 8)
             assert flags & _O_CLOEXEC
             # ...and nothing the agent starts sees it.
-            kid = await agent_process.raw.run(["sh", "-c", "ls /proc/$$/fd"])
-            assert sorted(int(fd) for fd in kid.output(1).split()) == [0, 1, 2]
+            child = await agent_process.raw.run(["sh", "-c", "ls /proc/$$/fd"])
+            assert sorted(int(fd) for fd in child.output(1).split()) == [0, 1, 2]
             plain = await agent_process.raw.run(
                 ["python3", "-c", f"import os; os.fstat({high})"])
             assert plain.exit is not None and plain.exit.code == 1
@@ -177,9 +178,9 @@ async def test_fd_limit_raised_for_the_agent_not_for_children() -> None:
         assert line.split()[3:5] == ["4096", "4096"]
         raw = agent_process.raw
         # The child reads a line first: the limit is restored right after the spawn.
-        kid = raw.exec(["sh", "-c", "read x; ulimit -n; ulimit -Hn"])
-        await raw.started(kid)
-        await raw.write(kid.id, 0, b"go\n")
-        raw.eof(kid.id)
-        await raw.finished(kid)
-        assert kid.output(1) == b"512\n4096\n"
+        child = raw.exec(["sh", "-c", "read x; ulimit -n; ulimit -Hn"])
+        await raw.started(child)
+        await raw.write(child.id, 0, b"go\n")
+        raw.eof(child.id)
+        await raw.finished(child)
+        assert child.output(1) == b"512\n4096\n"

@@ -19,24 +19,19 @@ from pathlib import Path
 
 import pytest
 import trio
-from agent_harness import (
-    Kid,
-    Raw,
-    Spawned,
-    gone,
-    group_any,
-    session_members,
-    spawned,
-    stat_fields,
-    subreaper,
-    wait_all_gone,
-)
+from agent_harness import Raw, RawChild, Spawned, spawned
 from conftest import (
     AGENT_ARGV,
     agent_children,
     cgroups_usable,
     children_of,
+    gone,
+    group_all,
     guardian_of,
+    session_members,
+    stat_fields,
+    subreaper,
+    wait_all_gone,
     wait_until,
 )
 
@@ -50,48 +45,48 @@ GRACE = 1.0
 SLACK = 8.0
 
 
-async def _start_family(raw: Raw) -> tuple[list[Kid], list[int]]:
+async def _start_family(raw: Raw) -> tuple[list[RawChild], list[int]]:
     """Children that must all be gone after teardown: a plain one, a group with
     grandchildren, a steady producer, and one that ignores HUP and TERM. Returns them and
     every pid of their groups."""
-    kids = [
+    children = [
         raw.exec(["sleep", "100"]),
         raw.exec(["sh", "-c", "sleep 100 & sleep 100 & echo ready; wait"]),
         raw.exec(["sh", "-c", "while :; do echo tick; sleep 0.02; done"]),
         raw.exec(["sh", "-c", "trap '' HUP TERM; sleep 100 & echo ready; wait"]),
     ]
-    await raw.wait(lambda: all(k.started for k in kids)
-                   and kids[1].output(1) == b"ready\n" and kids[2].count[1] > 0
-                   and kids[3].output(1) == b"ready\n", 10, "the family to start")
-    pids = sorted({p for k in kids for p in group_any(k.pid)})
+    await raw.wait(lambda: all(k.started for k in children)
+                   and children[1].output(1) == b"ready\n" and children[2].count[1] > 0
+                   and children[3].output(1) == b"ready\n", 10, "the family to start")
+    pids = sorted({p for k in children for p in group_all(k.pid)})
     assert len(pids) >= 7  # the producer's sleep comes and goes
-    return kids, pids
+    return children, pids
 
 
-async def _assert_clean_exit(agent: Spawned, kids: list[Kid], pids: list[int],
+async def _assert_clean_exit(agent: Spawned, children: list[RawChild], pids: list[int],
                              what: str) -> int:
     with trio.fail_after(GRACE + SLACK):
         status = await agent.process.wait()
-    await wait_all_gone(pids, [k.pid for k in kids], 2, what)
+    await wait_all_gone(pids, [k.pid for k in children], 2, what)
     return status
 
 
 async def test_controller_eof_ends_the_agent_and_every_child() -> None:
     async with spawned("--grace", str(GRACE)) as agent:
-        kids, pids = await _start_family(agent.raw)
+        children, pids = await _start_family(agent.raw)
         await agent.raw.aclose_write()
-        status = await _assert_clean_exit(agent, kids, pids, "after EOF")
+        status = await _assert_clean_exit(agent, children, pids, "after EOF")
         assert status == 0
 
 
 async def test_controller_that_stops_reading_epipe_ends_the_agent() -> None:
     async with spawned("--grace", str(GRACE)) as agent:
         raw = agent.raw
-        kids, pids = await _start_family(raw)
+        children, pids = await _start_family(raw)
         raw.stop_reading()
         await raw.ended.wait()
         await raw.receive_stream.aclose()  # our write end stays open: no EOF for the agent
-        status = await _assert_clean_exit(agent, kids, pids, "after EPIPE")
+        status = await _assert_clean_exit(agent, children, pids, "after EPIPE")
         assert status == 0
         assert raw.write_failed is None
 
@@ -99,9 +94,9 @@ async def test_controller_that_stops_reading_epipe_ends_the_agent() -> None:
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
 async def test_signal_to_the_agent_ends_it_and_every_child(signum: int) -> None:
     async with spawned("--grace", str(GRACE)) as agent:
-        kids, pids = await _start_family(agent.raw)
+        children, pids = await _start_family(agent.raw)
         os.kill(agent.pid, signum)
-        status = await _assert_clean_exit(agent, kids, pids, f"after {signum}")
+        status = await _assert_clean_exit(agent, children, pids, f"after {signum}")
         assert status >= 0  # handled: the agent was not killed by the signal
         # It closed its end of the connection: our reader saw the stream end.
         with trio.fail_after(5):
@@ -144,8 +139,8 @@ async def test_controller_killed_outright_leaves_nothing_behind(tmp_path: Path) 
             assert fields is not None
             agent_pid = int(fields[1])
             assert agent_pid != ctl.pid
-            await wait_until(lambda: len(group_any(leaders[1])) == 3, 10, "the sleeps")
-            pids = sorted({p for leader in leaders for p in group_any(leader)})
+            await wait_until(lambda: len(group_all(leaders[1])) == 3, 10, "the sleeps")
+            pids = sorted({p for leader in leaders for p in group_all(leader)})
             ctl.kill()
             await ctl.wait()
             statuses: list[int] = []
@@ -168,20 +163,20 @@ async def test_controller_killed_outright_leaves_nothing_behind(tmp_path: Path) 
 async def test_grace_then_sigkill_for_children_that_ignore_term() -> None:
     async with spawned("--grace", str(GRACE)) as agent:
         raw = agent.raw
-        kid = raw.exec(["sh", "-c", "trap '' HUP TERM INT; echo ready; "
+        child = raw.exec(["sh", "-c", "trap '' HUP TERM INT; echo ready; "
                         "while :; do sleep 0.05; done"])
-        await raw.wait(lambda: kid.output(1) == b"ready\n", 10, "the trap")
-        pids = group_any(kid.pid)
+        await raw.wait(lambda: child.output(1) == b"ready\n", 10, "the trap")
+        pids = group_all(child.pid)
         # It survives TERM sent by us...
-        raw.signal(kid.id, "TERM")
-        assert (await raw.ack(kid)).errno is None
+        raw.signal(child.id, "TERM")
+        assert (await raw.ack(child)).errno is None
         await raw.echo(raw.exec(["cat"]), b"round trip after TERM")
-        assert kid.exit is None and not gone(kid.pid)
+        assert child.exit is None and not gone(child.pid)
         # ...but not the agent's teardown.
         await raw.aclose_write()
         with trio.fail_after(GRACE + SLACK):
             assert await agent.process.wait() == 0
-        await wait_all_gone(pids, [kid.pid], 2, "the TERM-proof child")
+        await wait_all_gone(pids, [child.pid], 2, "the TERM-proof child")
 
 
 # ---------------------------------------------------------------------------- guardian
@@ -190,9 +185,9 @@ needs_cgroups = pytest.mark.skipif(not cgroups_usable(),
                                    reason="needs a cgroup v2 it may write (root)")
 
 
-def _guardian_of(agent_pid: int, kids: list[Kid]) -> int:
+def _guardian_of(agent_pid: int, children: list[RawChild]) -> int:
     """The agent's one child that it did not start for the controller."""
-    (guardian,) = set(children_of(agent_pid)) - {k.pid for k in kids}
+    (guardian,) = set(children_of(agent_pid)) - {k.pid for k in children}
     assert guardian_of(agent_pid) == guardian  # what other tests use to leave it out
     return guardian
 
@@ -203,8 +198,8 @@ async def test_agent_killed_outright_its_guardian_ends_every_child() -> None:
     # itself, TERM-proof children included, after the same grace period.
     with subreaper():  # the orphans come to us: reap them, as init would
         async with spawned("--grace", str(GRACE), stderr=subprocess.PIPE) as agent:
-            kids, pids = await _start_family(agent.raw)
-            guardian = _guardian_of(agent.pid, kids)
+            children, pids = await _start_family(agent.raw)
+            guardian = _guardian_of(agent.pid, children)
             os.kill(agent.pid, signal.SIGKILL)
             with trio.fail_after(5):
                 assert await agent.process.wait() == -signal.SIGKILL
@@ -213,11 +208,11 @@ async def test_agent_killed_outright_its_guardian_ends_every_child() -> None:
             def all_gone() -> bool:
                 # Reap what comes to us, as init would: the listed pids and whatever else
                 # is left in the groups (the producer's latest sleep).
-                for pid in {*everything, *(p for k in kids for p in group_any(k.pid))}:
+                for pid in {*everything, *(p for k in children for p in group_all(k.pid))}:
                     with contextlib.suppress(ChildProcessError):
                         os.waitpid(pid, os.WNOHANG)
                 return all(gone(p) for p in everything) and not any(
-                    group_any(k.pid) for k in kids)
+                    group_all(k.pid) for k in children)
 
             await wait_until(all_gone, GRACE + SLACK, "the guardian to end every group")
             assert agent.process.stderr is not None
@@ -227,9 +222,9 @@ async def test_agent_killed_outright_its_guardian_ends_every_child() -> None:
 
 async def test_guardian_holds_nothing_of_the_agent_and_exits_with_it() -> None:
     async with spawned("--grace", str(GRACE)) as agent:
-        kids = [agent.raw.exec(["sleep", "100"])]
-        await agent.raw.started(kids[0])
-        guardian = _guardian_of(agent.pid, kids)
+        children = [agent.raw.exec(["sleep", "100"])]
+        await agent.raw.started(children[0])
+        guardian = _guardian_of(agent.pid, children)
         # Its own session (a signal to the agent's group does not reach it), and no fd
         # of the agent's: the controller sees EOF the moment the agent is gone.
         assert os.getsid(guardian) == guardian
@@ -275,17 +270,17 @@ async def test_agent_contains_its_children_in_a_cgroup_it_removes_at_exit() -> N
     ours = _cgroup.cgroup_dir()
     async with spawned("--grace", str(GRACE)) as agent:
         raw = agent.raw
-        assert raw.conn.their_hello is not None
-        assert "cgroup" in raw.conn.their_hello.caps
-        kid = raw.exec(["sh", "-c", "sleep 100 & wait"])
-        await raw.started(kid)
+        assert raw.hello is not None
+        assert "cgroup" in raw.hello.caps
+        child = raw.exec(["sh", "-c", "sleep 100 & wait"])
+        await raw.started(child)
         contained = _cgroup.cgroup_dir(agent.pid)
         assert os.path.dirname(contained) == ours
         assert os.path.basename(contained).startswith(f"mproxy-agent.{agent.pid}.")
-        await wait_until(lambda: len(group_any(kid.pid)) == 2, 10, "the child's sleep")
-        assert {_cgroup.cgroup_dir(pid) for pid in group_any(kid.pid)} == {contained}
+        await wait_until(lambda: len(group_all(child.pid)) == 2, 10, "the child's sleep")
+        assert {_cgroup.cgroup_dir(pid) for pid in group_all(child.pid)} == {contained}
         # The guardian stays outside: it must not be ended with what it ends.
-        assert _cgroup.cgroup_dir(_guardian_of(agent.pid, [kid])) == ours
+        assert _cgroup.cgroup_dir(_guardian_of(agent.pid, [child])) == ours
         await raw.aclose_write()
         with trio.fail_after(GRACE + SLACK):
             assert await agent.process.wait() == 0
@@ -302,10 +297,10 @@ async def test_agent_killed_outright_its_guardian_ends_descendants_that_left_the
     with subreaper():
         async with spawned("--grace", str(GRACE), stderr=subprocess.PIPE) as agent:
             raw = agent.raw
-            kid = raw.exec(["sh", "-c", daemon])
-            await raw.wait(lambda: kid.output(1).endswith(b"\n"), 10, "the daemon's pid")
-            pid = int(kid.output(1))
-            assert os.getsid(pid) == pid != kid.pid
+            child = raw.exec(["sh", "-c", daemon])
+            await raw.wait(lambda: child.output(1).endswith(b"\n"), 10, "the daemon's pid")
+            pid = int(child.output(1))
+            assert os.getsid(pid) == pid != child.pid
             contained = _cgroup.cgroup_dir(agent.pid)
             assert _cgroup.cgroup_dir(pid) == contained
             os.kill(agent.pid, signal.SIGKILL)
@@ -313,10 +308,10 @@ async def test_agent_killed_outright_its_guardian_ends_descendants_that_left_the
                 assert await agent.process.wait() == -signal.SIGKILL
 
             def daemon_gone() -> bool:
-                for each in (pid, kid.pid):  # they come to us: reap them, as init would
+                for each in (pid, child.pid):  # they come to us: reap them, as init would
                     with contextlib.suppress(ChildProcessError):
                         os.waitpid(each, os.WNOHANG)
-                return gone(pid) and gone(kid.pid)
+                return gone(pid) and gone(child.pid)
 
             await wait_until(daemon_gone, GRACE + SLACK, "the guardian to end the daemon")
             await wait_until(lambda: not os.path.exists(contained), 5, "the cgroup's removal")
@@ -363,9 +358,9 @@ async def test_an_agent_started_by_an_agent_is_ended_with_it() -> None:
                 assert carrier.pid is not None
                 async with controller.connect(carrier.stdin, carrier.stdout) as inner:
                     assert "cgroup" in inner.info.caps
-                    kid = await inner.open_process(
+                    child = await inner.open_process(
                         ["sh", "-c", "setsid sleep 100 & echo $!; wait"])
-                    daemon = int(await kid.stdout.receive_some())
+                    daemon = int(await child.stdout.receive_some())
                     outer_cgroup = _cgroup.cgroup_dir(outer.agent_pid)
                     inner_cgroup = _cgroup.cgroup_dir(carrier.pid)
                     assert os.path.dirname(inner_cgroup) == outer_cgroup
@@ -385,8 +380,8 @@ async def test_an_agent_started_by_an_agent_is_ended_with_it() -> None:
 @needs_cgroups
 async def test_no_cgroup_leaves_the_agent_where_it_was() -> None:
     async with spawned("--no-cgroup") as agent:
-        assert agent.raw.conn.their_hello is not None
-        assert "cgroup" not in agent.raw.conn.their_hello.caps
+        assert agent.raw.hello is not None
+        assert "cgroup" not in agent.raw.hello.caps
         assert _cgroup.cgroup_dir(agent.pid) == _cgroup.cgroup_dir()
 
 
@@ -403,8 +398,8 @@ async def test_agent_serves_without_a_cgroup_where_it_cannot_make_one() -> None:
         async with spawned("--log-level", "debug", prefix=enter,
                            stderr=subprocess.PIPE) as agent:
             raw = agent.raw
-            assert raw.conn.their_hello is not None
-            assert "cgroup" not in raw.conn.their_hello.caps
+            assert raw.hello is not None
+            assert "cgroup" not in raw.hello.caps
             assert _cgroup.cgroup_dir(agent.pid) == cage
             await raw.echo(raw.exec(["cat"]), b"served without a cgroup")
             await raw.aclose_write()
@@ -424,21 +419,21 @@ async def test_agent_serves_without_a_cgroup_where_it_cannot_make_one() -> None:
 async def test_shutdown_lets_children_finish_then_says_goodbye() -> None:
     async with spawned("--grace", str(GRACE)) as agent:
         raw = agent.raw
-        kids = [raw.exec(["sh", "-c", f"sleep 0.5; echo done {i}"]) for i in range(3)]
-        for kid in kids:
-            raw.eof(kid.id)
-            await raw.started(kid)
+        children = [raw.exec(["sh", "-c", f"sleep 0.5; echo done {i}"]) for i in range(3)]
+        for child in children:
+            raw.eof(child.id)
+            await raw.started(child)
         raw.send(Shutdown())
-        refused = Kid(999)
-        raw.kids[999] = refused
+        refused = RawChild(999)
+        raw.children[999] = refused
         raw.send_raw(encode(Exec(id=999, argv=(b"true",))))  # our connection would refuse
         error = await raw.error(refused, "shutting-down")
         assert (error.id, error.ref) == (999, "exec")
         await raw.wait(lambda: raw.goodbye, 10, "goodbye")
-        for i, kid in enumerate(kids):
-            assert kid.output(1) == f"done {i}\n".encode()
-            assert kid.exit is not None and kid.exit.code == 0
-            assert kid.eof == {1: len(kid.output(1)), 2: 0}
+        for i, child in enumerate(children):
+            assert child.output(1) == f"done {i}\n".encode()
+            assert child.exit is not None and child.exit.code == 0
+            assert child.eof == {1: len(child.output(1)), 2: 0}
         # Goodbye is the last frame, then the stream ends and the agent exits 0.
         await raw.ended.wait()
         assert raw.end_reason == "EOF"
@@ -446,7 +441,8 @@ async def test_shutdown_lets_children_finish_then_says_goodbye() -> None:
         assert refused.started is None and refused.exit is None
         with trio.fail_after(SLACK):
             assert await agent.process.wait() == 0
-        await wait_all_gone([k.pid for k in kids], [k.pid for k in kids], 2, "after goodbye")
+        pids = [k.pid for k in children]
+        await wait_all_gone(pids, pids, 2, "after goodbye")
 
 
 async def test_shutdown_with_no_children() -> None:
@@ -477,18 +473,18 @@ async def test_eof_after_shutdown_lets_the_children_finish(tmp_path: Path) -> No
     go = tmp_path / "go"
     async with spawned("--grace", str(GRACE), "--log-level", "debug") as agent:
         raw = agent.raw
-        kid = raw.exec(["sh", "-c", 'while [ ! -e "$1" ]; do sleep 0.01; done; echo done',
+        child = raw.exec(["sh", "-c", 'while [ ! -e "$1" ]; do sleep 0.01; done; echo done',
                         "sh", str(go)])
-        raw.eof(kid.id)
-        await raw.started(kid)
+        raw.eof(child.id)
+        await raw.started(child)
         await _half_close_after_shutdown(raw)
         go.touch()
         await raw.wait(lambda: raw.goodbye, 10, "goodbye")
-        assert kid.output(1) == b"done\n"
-        assert kid.exit is not None and kid.exit.code == 0
+        assert child.output(1) == b"done\n"
+        assert child.exit is not None and child.exit.code == 0
         with trio.fail_after(SLACK):
             assert await agent.process.wait() == 0
-        await wait_all_gone([kid.pid], [kid.pid], 2, "after goodbye")
+        await wait_all_gone([child.pid], [child.pid], 2, "after goodbye")
 
 
 async def test_losing_our_output_after_shutdown_and_eof_ends_every_child() -> None:
@@ -496,18 +492,18 @@ async def test_losing_our_output_after_shutdown_and_eof_ends_every_child() -> No
     # our output is what tells the agent it is gone: it ends every child and exits.
     async with spawned("--grace", str(GRACE), "--log-level", "debug") as agent:
         raw = agent.raw
-        kids = [
+        children = [
             raw.exec(["sleep", "100"]),
             raw.exec(["sh", "-c", "trap '' HUP TERM; sleep 100 & echo ready; wait"]),
         ]
-        await raw.wait(lambda: kids[1].output(1) == b"ready\n", 10, "the children to start")
-        pids = sorted({p for k in kids for p in group_any(k.pid)})
+        await raw.wait(lambda: children[1].output(1) == b"ready\n", 10, "the children to start")
+        pids = sorted({p for k in children for p in group_all(k.pid)})
         await _half_close_after_shutdown(raw)
         assert all(not gone(pid) for pid in pids)
         raw.stop_reading()
         await raw.ended.wait()
         await raw.receive_stream.aclose()
-        status = await _assert_clean_exit(agent, kids, pids, "after our output was closed")
+        status = await _assert_clean_exit(agent, children, pids, "after our output was closed")
         assert status == 0
 
 
@@ -547,17 +543,17 @@ async def test_children_and_their_states_come_from_proc() -> None:
     assert not {sleeper.pid, quitter.pid} & (agent_orphans._children() or set())
 
 
-async def _orphans(raw: Raw) -> tuple[list[Kid], list[int]]:
+async def _orphans(raw: Raw) -> tuple[list[RawChild], list[int]]:
     """Two children that leave a setsid'd grandchild behind and exit; returns the
     children and the orphans' pids (each a session leader or in its own session)."""
-    kids = [raw.exec(["sh", "-c", "setsid sleep 100 </dev/null >/dev/null 2>&1 & echo $!"]),
+    children = [raw.exec(["sh", "-c", "setsid sleep 100 </dev/null >/dev/null 2>&1 & echo $!"]),
             raw.exec(["python3", "-c", _DOUBLE_FORK])]
-    for kid in kids:
-        raw.eof(kid.id)
-        await raw.finished(kid)
-        assert kid.exit is not None and kid.exit.code == 0
-    orphans = [int(k.output(1)) for k in kids]
-    return kids, orphans
+    for child in children:
+        raw.eof(child.id)
+        await raw.finished(child)
+        assert child.exit is not None and child.exit.code == 0
+    orphans = [int(k.output(1)) for k in children]
+    return children, orphans
 
 
 async def _adopted(agent: Spawned, pid: int) -> None:
@@ -570,7 +566,7 @@ async def _adopted(agent: Spawned, pid: int) -> None:
 async def test_orphans_are_adopted_then_killed_at_teardown() -> None:
     async with spawned("--grace", str(GRACE)) as agent:
         raw = agent.raw
-        kids, orphans = await _orphans(raw)
+        children, orphans = await _orphans(raw)
         for pid in orphans:
             await _adopted(agent, pid)
         # Each is alone in a session of its own (so not in any child's group).
@@ -579,15 +575,15 @@ async def test_orphans_are_adopted_then_killed_at_teardown() -> None:
             assert fields is not None
             assert session_members(int(fields[3])) == [pid]
         # Closing the children does not touch the orphans (other sessions)...
-        for kid in kids:
-            raw.close(kid.id)
-            await raw.closed(kid)
+        for child in children:
+            raw.close(child.id)
+            await raw.closed(child)
         assert all(not gone(p) for p in orphans)
         # ...the agent's end does.
         await raw.aclose_write()
         with trio.fail_after(GRACE + SLACK):
             assert await agent.process.wait() == 0
-        await wait_all_gone([*orphans, *(k.pid for k in kids)], [k.pid for k in kids], 2,
+        await wait_all_gone([*orphans, *(k.pid for k in children)], [k.pid for k in children], 2,
                             "the orphans")
 
 
@@ -609,16 +605,16 @@ async def test_orphans_that_exit_are_reaped(tmp_path: Path) -> None:
     os.mkfifo(fifo)
     async with spawned("--grace", str(GRACE)) as agent:
         raw = agent.raw
-        kid = raw.exec(["sh", "-c", f"setsid sh -c 'read x < {fifo}' >/dev/null 2>&1 & echo $!"])
-        raw.eof(kid.id)
-        await raw.finished(kid)
-        orphan = int(kid.output(1))
+        child = raw.exec(["sh", "-c", f"setsid sh -c 'read x < {fifo}' >/dev/null 2>&1 & echo $!"])
+        raw.eof(child.id)
+        await raw.finished(child)
+        orphan = int(child.output(1))
         await _adopted(agent, orphan)
         with open(fifo, "w") as f:  # the orphan has it open for reading: does not block
             f.write("go\n")
         await wait_until(lambda: gone(orphan), 10, "the agent to reap the orphan")
-        raw.close(kid.id)
-        await raw.closed(kid)
+        raw.close(child.id)
+        await raw.closed(child)
         assert agent_children(agent.pid) == {}
 
 
@@ -634,12 +630,12 @@ async def test_exit_statuses_stay_exact_while_orphans_come_and_go() -> None:
 
             async def one(i: int) -> None:
                 async with limiter:
-                    kid = raw.exec(["sh", "-c", f"exit {i % 250}"])
-                    raw.eof(kid.id)
-                    exit_frame = await raw.finished(kid, timeout=60)
+                    child = raw.exec(["sh", "-c", f"exit {i % 250}"])
+                    raw.eof(child.id)
+                    exit_frame = await raw.finished(child, timeout=60)
                     results[i] = exit_frame.code
-                    raw.close(kid.id)
-                    await raw.closed(kid, timeout=60)
+                    raw.close(child.id)
+                    await raw.closed(child, timeout=60)
 
             for i in range(400):
                 nursery.start_soon(one, i)

@@ -7,22 +7,22 @@ import os
 from pathlib import Path
 
 import pytest
-from agent_harness import Kid, Raw, inproc
+from agent_harness import Raw, RawChild, inproc
 
 from protocol import Config, encode
 
 
 async def _spawn_fails(raw: Raw, argv: list[str], errno_name: str, code: int,
-                       cwd: bytes | None = None) -> Kid:
-    kid = raw.exec(argv, cwd=cwd)
-    error = await raw.error(kid, "spawn-failed")
-    assert (error.errno, error.ref, error.id) == (errno_name, "exec", kid.id)
-    exit_frame = await raw.exited(kid)
+                       cwd: bytes | None = None) -> RawChild:
+    child = raw.exec(argv, cwd=cwd)
+    error = await raw.error(child, "spawn-failed")
+    assert (error.errno, error.ref, error.id) == (errno_name, "exec", child.id)
+    exit_frame = await raw.exited(child)
     assert (exit_frame.code, exit_frame.sig) == (code, None)
-    assert kid.started is None
-    raw.close(kid.id)
-    await raw.closed(kid)
-    return kid
+    assert child.started is None
+    raw.close(child.id)
+    await raw.closed(child)
+    return child
 
 
 async def test_spawn_failures_report_errno_and_exit_code(tmp_path: Path) -> None:
@@ -37,9 +37,9 @@ async def test_spawn_failures_report_errno_and_exit_code(tmp_path: Path) -> None
         await _spawn_fails(raw, ["true"], "ENOENT", 126, cwd=str(tmp_path / "nowhere").encode())
         await _spawn_fails(raw, ["true"], "ENOTDIR", 126, cwd=str(plain).encode())
         # The agent is still up: the next exec works.
-        kid = await raw.run(["sh", "-c", "echo still here; exit 5"])
-        assert kid.output(1) == b"still here\n"
-        assert kid.exit is not None and kid.exit.code == 5
+        child = await raw.run(["sh", "-c", "echo still here; exit 5"])
+        assert child.output(1) == b"still here\n"
+        assert child.exit is not None and child.exit.code == 5
         kinds = [e.kind for e in raw.errors]
         assert kinds == ["spawn-failed"] * 6
     assert status == [0]
@@ -62,10 +62,10 @@ async def test_spawn_failed_msg_says_why_in_words_that_follow_the_program(
             (["true"], str(tmp_path / "nowhere").encode(), "ENOENT", 126,
              f"cannot enter directory {str(tmp_path / 'nowhere')!r}: No such file or directory"),
         ]:
-            kid = raw.exec(argv, cwd=cwd)
-            error = await raw.error(kid, "spawn-failed")
+            child = raw.exec(argv, cwd=cwd)
+            error = await raw.error(child, "spawn-failed")
             assert (error.errno, error.msg) == (errno_name, msg)
-            assert (await raw.exited(kid)).code == code
+            assert (await raw.exited(child)).code == code
 
 
 async def test_a_script_without_shebang_runs_with_sh(tmp_path: Path) -> None:
@@ -74,9 +74,9 @@ async def test_a_script_without_shebang_runs_with_sh(tmp_path: Path) -> None:
     script.chmod(0o755)
     async with inproc() as (raw, _):
         for fds in ((), (3,)):  # Popen, posix_spawn
-            kid = await raw.run(["./nosb.sh", "a b", "c"], cwd=str(tmp_path).encode(), fds=fds)
-            assert kid.output(1) == b"./nosb.sh|2|a b c\n"  # what bash prints
-            assert kid.exit is not None and kid.exit.code == 3
+            child = await raw.run(["./nosb.sh", "a b", "c"], cwd=str(tmp_path).encode(), fds=fds)
+            assert child.output(1) == b"./nosb.sh|2|a b c\n"  # what bash prints
+            assert child.exit is not None and child.exit.code == 3
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the credential drop needs root")
@@ -87,33 +87,33 @@ async def test_started_gives_the_uid_and_gid_the_child_got(
         monkeypatch.setenv("SUDO_UID", "65534")
         monkeypatch.setenv("SUDO_GID", "65533")
         for fds in ((), (3,)):
-            kid = await raw.run(["sh", "-c", "id -u; id -g"], drop_sudo=True, fds=fds)
-            assert kid.started is not None
-            assert (kid.started.uid, kid.started.gid) == (65534, 65533)
-            assert kid.output(1) == b"65534\n65533\n"
+            child = await raw.run(["sh", "-c", "id -u; id -g"], drop_sudo=True, fds=fds)
+            assert child.started is not None
+            assert (child.started.uid, child.started.gid) == (65534, 65533)
+            assert child.output(1) == b"65534\n65533\n"
         monkeypatch.delenv("SUDO_UID")
         monkeypatch.delenv("SUDO_GID")
         for drop in (True, False):  # without the variables --drop-sudo is a no-op
-            kid = await raw.run(["sh", "-c", "id -u; id -g"], drop_sudo=drop)
-            assert kid.started is not None
-            assert (kid.started.uid, kid.started.gid) == (0, 0)
-            assert kid.output(1) == b"0\n0\n"
+            child = await raw.run(["sh", "-c", "id -u; id -g"], drop_sudo=drop)
+            assert child.started is not None
+            assert (child.started.uid, child.started.gid) == (0, 0)
+            assert child.output(1) == b"0\n0\n"
 
 
 async def test_data_for_a_child_that_failed_to_start_still_gets_credit() -> None:
     async with inproc() as (raw, _):
-        kid = raw.exec(["no-such-program-anywhere"])
-        await raw.write(kid.id, 0, b"x" * (3 << 20))  # needs the agent's credit back
-        raw.eof(kid.id)
-        assert (await raw.exited(kid)).code == 127
-        raw.close(kid.id)
-        await raw.closed(kid)
+        child = raw.exec(["no-such-program-anywhere"])
+        await raw.write(child.id, 0, b"x" * (3 << 20))  # needs the agent's credit back
+        raw.eof(child.id)
+        assert (await raw.exited(child)).code == 127
+        raw.close(child.id)
+        await raw.closed(child)
 
 
 # ---------------------------------------------------------------------------- environment
 
-def _env_lines(kid: Kid) -> dict[str, str]:
-    lines = kid.output(1).decode().splitlines()
+def _env_lines(child: RawChild) -> dict[str, str]:
+    lines = child.output(1).decode().splitlines()
     return dict(line.split("=", 1) for line in lines)
 
 
@@ -176,8 +176,8 @@ async def test_config_frame_replaces_the_policy() -> None:
 async def test_exact_environment_is_used_as_given() -> None:
     async with inproc() as (raw, _):
         entries = (b"LD_PRELOAD=", b"MPROXY_X=1", b"B=2", b"A=1", b"WEIRD=\xff\x01=x")
-        kid = await raw.run(["/usr/bin/env"], env=entries)
-        assert kid.output(1) == b"".join(e + b"\n" for e in entries)
+        child = await raw.run(["/usr/bin/env"], env=entries)
+        assert child.output(1) == b"".join(e + b"\n" for e in entries)
         empty = await raw.run(["/usr/bin/env"], env=())
         assert empty.output(1) == b""
 
@@ -203,9 +203,10 @@ async def test_path_lookup_uses_the_childs_path(tmp_path: Path) -> None:
     script.write_text("#!/bin/sh\necho tool \"$@\"\n")
     script.chmod(0o755)
     async with inproc() as (raw, _):
-        kid = await raw.run(["my-tool", "x"], env_set=(f"PATH={tmp_path}:/usr/bin:/bin".encode(),))
-        assert kid.output(1) == b"tool x\n"
-        kid = await raw.run(["renamed", "y"], path=str(script).encode())
-        assert kid.output(1) == b"tool y\n"
-        kid = await raw.run(["pwd"], cwd=str(tmp_path).encode())
-        assert kid.output(1) == f"{tmp_path}\n".encode()
+        child = await raw.run(["my-tool", "x"],
+                              env_set=(f"PATH={tmp_path}:/usr/bin:/bin".encode(),))
+        assert child.output(1) == b"tool x\n"
+        child = await raw.run(["renamed", "y"], path=str(script).encode())
+        assert child.output(1) == b"tool y\n"
+        child = await raw.run(["pwd"], cwd=str(tmp_path).encode())
+        assert child.output(1) == f"{tmp_path}\n".encode()

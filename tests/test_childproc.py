@@ -27,6 +27,7 @@ from pathlib import Path
 from types import TracebackType
 
 import pytest
+from conftest import fd_count
 
 from childproc import (
     Command,
@@ -115,12 +116,9 @@ def public_dir() -> Iterator[Path]:
     shutil.rmtree(path)
 
 
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-class Child:
-    """build + start + close_child_side, and cleanup: the way the agent uses childproc."""
+class LocalChild:
+    """A child of this process, started with build + start + close_child_side, and
+    cleaned up: the way the agent uses childproc."""
 
     def __init__(self, spec: Spec) -> None:
         self.cmd: Command
@@ -134,7 +132,7 @@ class Child:
         finally:
             close_child_side(self.cmd)
 
-    def __enter__(self) -> Child:
+    def __enter__(self) -> LocalChild:
         return self
 
     def __exit__(
@@ -176,7 +174,7 @@ def read_exactly(f: io.FileIO, n: int) -> bytes:
 
 
 def run(spec: Spec, data: bytes = b"") -> tuple[bytes, bytes, int]:
-    with Child(spec) as child:
+    with LocalChild(spec) as child:
         return child.communicate(data)
 
 
@@ -193,13 +191,13 @@ def pipe_name(f: io.FileIO) -> str:
 
 
 def test_mechanism_per_case(case: Case) -> None:
-    with Child(case.spec("/bin/true", ["true"])) as child:
+    with LocalChild(case.spec("/bin/true", ["true"])) as child:
         assert child.cmd.mechanism == case.mechanism
         assert child.communicate() == (b"", b"", 0)
 
 
 def test_exact_fd_table_and_new_process_group(case: Case) -> None:
-    with Child(case.spec(CAT, ["cat"])) as child:
+    with LocalChild(case.spec(CAT, ["cat"])) as child:
         child.sync()
         assert os.getpgid(child.proc.pid) == child.proc.pid
         table = child.fd_table()
@@ -220,7 +218,7 @@ def test_each_extra_fd_reaches_its_parent_socket(case: Case) -> None:
     # (not runnable by uid 65534 everywhere) is not needed.
     fds = [n for n in case.extra_fds if n < 10]
     script = "".join(f"echo fd{n} >&{n}; " for n in fds)
-    with Child(case.spec(SH, ["sh", "-c", script])) as child:
+    with LocalChild(case.spec(SH, ["sh", "-c", script])) as child:
         assert child.communicate() == (b"", b"", 0)
         for n in fds:
             assert child.pipes.extra[n].recv(100) == f"fd{n}\n".encode()
@@ -231,7 +229,7 @@ def test_high_extra_fds_reach_their_sockets(case: Case) -> None:
         pytest.skip("needs extra fds and a python runnable by the child")
     code = "import os, sys\nfor n in sys.argv[1:]: os.write(int(n), b'fd' + n.encode())"
     argv = ["python", "-I", "-S", "-c", code, *map(str, case.extra_fds)]
-    with Child(case.spec(sys.executable, argv)) as child:
+    with LocalChild(case.spec(sys.executable, argv)) as child:
         assert child.communicate() == (b"", b"", 0)
         for n in case.extra_fds:
             assert child.pipes.extra[n].recv(100) == f"fd{n}".encode()
@@ -242,7 +240,7 @@ def test_extra_fd_both_directions_and_half_close(case: Case) -> None:
     if n is None:
         pytest.skip("no extra fd")
     # cat gets fd n as stdin and stdout: it echoes until our half-close, then exits.
-    with Child(case.spec(SH, ["sh", "-c", f"exec cat <&{n} >&{n}"])) as child:
+    with LocalChild(case.spec(SH, ["sh", "-c", f"exec cat <&{n} >&{n}"])) as child:
         sock = child.pipes.extra[n]
         payload = bytes(range(256)) * 128  # 32 KiB: fits the socket buffers either way
         sock.sendall(payload)
@@ -287,7 +285,7 @@ def test_inheritable_fds_of_the_parent_do_not_leak(case: Case) -> None:
         try:
             for fd in leaked:
                 os.set_inheritable(fd, True)
-            with Child(case.spec(CAT, ["cat"])) as child:
+            with LocalChild(case.spec(CAT, ["cat"])) as child:
                 child.sync()
                 assert sorted(child.fd_table()) == [0, 1, 2, *case.extra_fds]
                 child.communicate()
@@ -379,7 +377,7 @@ def test_exit_code_of_signals(case: Case, sig: int) -> None:
 
 
 def test_sigpipe_kills_a_child_writing_to_a_closed_pipe(case: Case) -> None:
-    with Child(case.spec(YES, ["yes"])) as child:
+    with LocalChild(case.spec(YES, ["yes"])) as child:
         child.pipes.stdout.close()
         assert exit_code(child.proc.wait()) == 128 + signal.SIGPIPE
 
@@ -393,7 +391,7 @@ def test_exit_code_values() -> None:
 
 def start_error(spec: Spec) -> SpawnError:
     """Build and start spec, expecting start to fail; checks that no fd is left behind."""
-    before = open_fds()
+    before = fd_count()
     cmd, pipes = build(spec)
     with pipes:
         try:
@@ -401,7 +399,7 @@ def start_error(spec: Spec) -> SpawnError:
                 cmd.start()
         finally:
             close_child_side(cmd)
-    assert open_fds() == before
+    assert fd_count() == before
     return info.value
 
 
@@ -493,7 +491,7 @@ def test_bad_cwd(case: Case, public_dir: Path) -> None:
 
 
 def test_program_not_in_path_fails_in_build() -> None:
-    before = open_fds()
+    before = fd_count()
     with pytest.raises(SpawnError) as info:
         build(Spec("childproc-no-such-program", ["x"], env=["PATH=/bin:/usr/bin"]))
     e = info.value
@@ -501,7 +499,7 @@ def test_program_not_in_path_fails_in_build() -> None:
     assert str(e) == (
         "[Errno 2] No such file or directory (searched $PATH): 'childproc-no-such-program'"
     )
-    assert open_fds() == before
+    assert fd_count() == before
 
 
 def test_relative_path_entries_are_skipped(
@@ -539,10 +537,10 @@ def test_relative_path_entries_are_skipped(
     ],
 )
 def test_invalid_spec(spec: Spec, message: str) -> None:
-    before = open_fds()
+    before = fd_count()
     with pytest.raises(ValueError, match="^" + re.escape(message)):
         build(spec)
-    assert open_fds() == before
+    assert fd_count() == before
 
 
 def test_wrong_types() -> None:
@@ -556,12 +554,12 @@ def test_wrong_types() -> None:
 
 def test_fd_above_the_soft_limit() -> None:
     limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    before = open_fds()
+    before = fd_count()
     with pytest.raises(SpawnError) as info:
         build(Spec("/bin/true", ["true"], extra_fds=[3, limit]))
     assert (info.value.errno, info.value.step) == (errno.EBADF, "fds")
     assert f"fd {limit}" in str(info.value)
-    assert open_fds() == before
+    assert fd_count() == before
 
 
 def test_start_once(case: Case) -> None:
@@ -666,11 +664,11 @@ def test_invalid_sudo_ids(
         monkeypatch.delenv("SUDO_GID", raising=False)
     else:
         monkeypatch.setenv("SUDO_GID", gid)
-    before = open_fds()
+    before = fd_count()
     with pytest.raises(CredentialError, match="^invalid " + re.escape(culprit)) as info:
         build(Spec(CAT, ["cat"], extra_fds=[3], drop_sudo_credentials=True))
     assert isinstance(info.value, ValueError)
-    assert open_fds() == before
+    assert fd_count() == before
 
 
 @needs_root

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from conftest import fd_count
 
 from childproc import Pipes, SpawnError, Spec, build, close_child_side
 
@@ -31,14 +32,10 @@ def fd_headroom() -> Iterator[None]:
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
 @pytest.mark.timeout(60)
 def test_1000_cycles_without_fd_growth(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SUDO_UID", "65534")
-    before = open_fds()
+    before = fd_count()
     for i in range(1000):
         layout = LAYOUTS[i % len(LAYOUTS)]
         drop = IS_ROOT and i % 50 == 0  # the trampoline costs ~15 ms
@@ -53,7 +50,7 @@ def test_1000_cycles_without_fd_growth(monkeypatch: pytest.MonkeyPatch) -> None:
             finally:
                 close_child_side(cmd)
             assert proc.wait() == 0
-    assert open_fds() == before
+    assert fd_count() == before
 
 
 def start(i: int) -> tuple[tuple[int, ...], Pipes, subprocess.Popen[bytes]]:
@@ -73,7 +70,7 @@ def start(i: int) -> tuple[tuple[int, ...], Pipes, subprocess.Popen[bytes]]:
 @pytest.mark.timeout(90)
 def test_300_concurrent_spawns_from_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SUDO_UID", "65534")
-    before = open_fds()
+    before = fd_count()
     with ThreadPoolExecutor(max_workers=6) as pool:
         children = list(pool.map(start, range(300)))
     try:
@@ -97,4 +94,4 @@ def test_300_concurrent_spawns_from_threads(monkeypatch: pytest.MonkeyPatch) -> 
             pipes.close()
             proc.wait()
     assert all(proc.returncode == 0 for _, _, proc in children)
-    assert open_fds() == before
+    assert fd_count() == before

@@ -14,14 +14,14 @@ import random
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
 import pytest
 import trio
 import trio.testing
-from conftest import group_members, proc_stat, wait_until
+from conftest import GRACE_ARGS, dead, group_members, proc_stat, read_all, wait_until
 
 import agent
 import controller
@@ -41,29 +41,7 @@ from protocol import (
     Window,
 )
 
-GRACE_ARGS = ["--grace", "2"]
 FrameT = TypeVar("FrameT", bound=Frame)
-
-
-@pytest.fixture(params=["local", "inproc"])
-async def any_agent(request: pytest.FixtureRequest) -> AsyncIterator[controller.Agent]:
-    """Both agents of conftest (``local_agent``, ``inproc_agent``), one per test run."""
-    if request.param == "local":
-        async with controller.open_agent(agent_args=GRACE_ARGS) as connected:
-            yield connected
-        return
-    agent_side, controller_side = trio.testing.memory_stream_pair()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(agent.serve, agent.StreamTransport(agent_side, agent_side))
-        async with controller.connect(controller_side) as connected:
-            yield connected
-
-
-async def read_all(stream: trio.abc.ReceiveStream) -> bytes:
-    out = bytearray()
-    while chunk := await stream.receive_some():
-        out += chunk
-    return bytes(out)
 
 
 async def read_until(stream: trio.abc.ReceiveStream, marker: bytes) -> bytes:
@@ -79,12 +57,6 @@ def kill_group_quietly(pgid: int | None) -> None:
     if pgid is not None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, signal.SIGKILL)
-
-
-def gone(pid: int) -> bool:
-    """Dead: reaped, or a zombie nobody we control will reap (re-parented orphans)."""
-    stat = proc_stat(pid)
-    return stat is None or stat[0] == "Z"
 
 
 # ---------------------------------------------------------------- processes and streams
@@ -489,7 +461,7 @@ async def test_signal_reaches_the_whole_group(any_agent: controller.Agent) -> No
                 assert proc_stat(background) is not None
                 await proc.terminate()
                 assert await proc.wait() == -15
-                await wait_until(lambda: gone(background), what="the background sleep to die")
+                await wait_until(lambda: dead(background), what="the background sleep to die")
             finally:
                 kill_group_quietly(proc.pid)
 

@@ -18,12 +18,11 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from conftest import proc_stat
+from conftest import GRACE_ARGS, dead
 
 import agent
 import controller
 
-GRACE_ARGS = ["--grace", "2"]
 Opener = Callable[..., AbstractAsyncContextManager[controller.Agent]]
 
 
@@ -44,11 +43,6 @@ async def open_inproc(**kwargs: Any) -> AsyncIterator[controller.Agent]:
 openers = pytest.mark.parametrize("open_", [open_local, open_inproc], ids=["local", "inproc"])
 
 
-def gone(pid: int) -> bool:
-    stat = proc_stat(pid)
-    return stat is None or stat[0] == "Z"
-
-
 # ---------------------------------------------------------------- leaving the block
 
 
@@ -62,7 +56,7 @@ async def test_processes_left_running_are_killed_after_shutdown_timeout(open_: O
             deaf = await conn.open_process(["sh", "-c", "trap '' TERM HUP; exec sleep 4"])
             reader = await conn.open_process(["cat"])
     assert (sleeper.returncode, deaf.returncode, reader.returncode) == (-9, -9, 0)
-    assert gone(sleeper.pid) and gone(deaf.pid)
+    assert dead(sleeper.pid) and dead(deaf.pid)
 
 
 async def test_processes_that_end_in_time_are_not_killed() -> None:
@@ -101,7 +95,7 @@ async def test_a_pytest_trio_fixture_ends_after_a_failed_test_left_a_process(
     output = done.stdout.decode()
     assert done.returncode == 1, output + done.stderr.decode()
     assert "1 failed" in output and "the test failed" in output, output
-    assert gone(int(pid_file.read_text()))
+    assert dead(int(pid_file.read_text()))
 
 
 # ---------------------------------------------------------------- after the block

@@ -10,15 +10,13 @@ adopted, reaped and killed; background holders of the pipes not delaying exit.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import trio
-from conftest import all_procs, group_members, proc_stat, wait_until
-from rawagent import raw_agent_process
+from agent_harness import spawned
+from conftest import all_procs, gone, group_members, proc_stat, read_all, wait_until
 
 import controller
-from protocol import Exec, Frame, Signal, Started
 
 GRACE = 1.0
 PYTHON3 = "/usr/bin/python3"
@@ -26,13 +24,6 @@ PYTHON3 = "/usr/bin/python3"
 
 class Leave(Exception):
     """Raised to leave ``open_agent`` abnormally: the agent sees EOF and tears down."""
-
-
-async def read_all(stream: trio.abc.ReceiveStream) -> bytes:
-    out = bytearray()
-    while chunk := await stream.receive_some():
-        out += chunk
-    return bytes(out)
 
 
 async def read_line(stream: trio.abc.ReceiveStream) -> bytes:
@@ -66,10 +57,6 @@ os.wait()
 def pid_of(process: controller.RemoteProcess) -> int:
     assert process.pid is not None
     return process.pid
-
-
-def gone(pid: int) -> bool:
-    return proc_stat(pid) is None
 
 
 # ---------------------------------------------------------------------------- streams
@@ -146,7 +133,7 @@ async def test_output_we_stop_reading_never_blocks_the_child(local_agent: contro
 # ---------------------------------------------------------------------------- teardown
 
 
-async def test_stopped_children_are_continued_so_they_handle_term(tmp_path: Path) -> None:
+async def test_stopped_children_are_continued_so_they_handle_term() -> None:
     """A stopped child that handles SIGTERM cannot run its handler until continued
     (only default-action signals kill a stopped process outright): teardown sends SIGCONT
     after SIGTERM, so with a 60 s grace period the agent still ends at once.
@@ -158,27 +145,20 @@ async def test_stopped_children_are_continued_so_they_handle_term(tmp_path: Path
         [PYTHON3, "-c", "import signal, sys\n"
          "signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))\nsignal.pause()"],
     ]
-    async with raw_agent_process(tmp_path, ("--grace", "60")) as agent_process:
-        peer = agent_process.peer
-        for id, argv in enumerate(handlers, 1):
-            await peer.send_frame(Exec(id, tuple(os.fsencode(a) for a in argv)))
-        await peer.until_all(lambda frames: len(_started(frames)) == 2)
-        started = _started(peer.frames)
-        leaders = [started[1], started[2]]  # in the order of handlers
+    async with spawned("--grace", "60") as agent_process:
+        raw = agent_process.raw
+        children = [raw.exec(argv) for argv in handlers]
+        leaders = [await raw.started(child) for child in children]  # in the order of handlers
         await wait_until(lambda: len(group_members(leaders[0])) == 2, 10, "the grandchild")
         pids = [p for leader in leaders for p in group_members(leader)]
-        for id in started:
-            await peer.send_frame(Signal(id, "STOP"))
+        for child in children:
+            raw.signal(child.id, "STOP")
         await wait_until(lambda: all(_state(p) == "T" for p in pids), 10,
                          "every process to be stopped")
-        await peer.close_send()
+        await raw.aclose_write()
         with trio.fail_after(15):
             assert await agent_process.process.wait() == 0
     await wait_until(lambda: all(gone(p) for p in pids), 5, "the stopped processes to go")
-
-
-def _started(frames: list[Frame]) -> dict[int, int]:
-    return {f.id: f.pid for f in frames if isinstance(f, Started)}
 
 
 async def test_descendants_in_groups_of_their_own_are_killed_at_teardown() -> None:

@@ -3,7 +3,7 @@
 Every test keeps a witness child (``cat``, id 1) running alongside and checks that its
 echoed bytes stay exact: a bad frame is refused on its own and nothing else changes.
 After each frame the test pings the agent; the agent handles frames in order, so the
-error answering a refused frame arrives before the pong (``RawPeer.sync``).
+error answering a refused frame arrives before the pong (``Raw.sync``).
 
 The corpus runs against a real ``python -m agent`` with stderr captured: the agent must
 never print a traceback. Fatal input (undecodable streams) ends the connection with one
@@ -24,13 +24,11 @@ from typing import Any
 import msgpack
 import pytest
 import trio
-import trio.testing
+from agent_harness import Raw, Spawned, errors_in, inproc, spawned, wire
 from conftest import proc_stat, rss_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from rawagent import AgentProcess, RawPeer, errors_in, raw_agent_process, wire
 
-import agent
 from protocol import (
     DEFAULT_MAX_FRAME,
     Close,
@@ -66,17 +64,17 @@ def expected_kind(body: dict[Any, Any]) -> str | None:
 class Witness:
     """The cat child whose output must be exactly its input."""
 
-    def __init__(self, peer: RawPeer) -> None:
+    def __init__(self, peer: Raw) -> None:
         self.peer = peer
         self.sent = bytearray()
 
-    async def start(self) -> None:
-        await self.peer.send_frame(Exec(WITNESS, (b"cat",)))
+    def start(self) -> None:
+        self.peer.send(Exec(WITNESS, (b"cat",)))
 
-    async def feed(self, label: str) -> None:
+    def feed(self, label: str) -> None:
         chunk = f"<{label}>".encode()
         self.sent += chunk
-        await self.peer.send_frame(Data(WITNESS, 0, chunk))
+        self.peer.send(Data(WITNESS, 0, chunk))
 
     async def check_echo(self) -> None:
         """Everything fed so far comes back (cat echoes as it reads)."""
@@ -86,7 +84,7 @@ class Witness:
 
     async def finish(self) -> None:
         """EOF to cat: it exits 0 and its output is exactly what it was fed."""
-        await self.peer.send_frame(Eof(WITNESS, 0))
+        self.peer.send(Eof(WITNESS, 0))
         await self.peer.until_all(lambda _: self.peer.has(Exit, WITNESS)
                                   and self.peer.has(Eof, WITNESS, ch=1))
         assert self.peer.output(WITNESS, 1) == bytes(self.sent)
@@ -99,7 +97,7 @@ def assert_refused(frames: list[Frame], kind: str, ref: object, what: str) -> No
                for e in errors), f"{what}: expected a {kind} error, got {errors}"
 
 
-def assert_healthy(peer: RawPeer) -> None:
+def assert_healthy(peer: Raw) -> None:
     """No fatal or internal error frame, no error-level log record."""
     assert not [e for e in errors_in(peer.frames) if e.kind in FATAL_KINDS]
     assert not [f for f in peer.frames if isinstance(f, Log) and f.level == "error"]
@@ -170,11 +168,9 @@ def ops(draw: st.DrawFn) -> Op:
 
 
 async def _random_session(sequence: list[Op]) -> None:
-    agent_side, ours = trio.testing.memory_stream_pair()
-    status: list[int] = []
-    peer = RawPeer(ours, ours)
     with trio.fail_after(30):
-        await _drive(peer, agent_side, sequence, status)
+        async with inproc(validate=False, grace=0.5) as (peer, status):
+            await _drive(peer, sequence)
     assert status == [0]
     assert_healthy(peer)
     for frame in peer.frames:  # every child was killed and reaped
@@ -182,29 +178,19 @@ async def _random_session(sequence: list[Op]) -> None:
             assert proc_stat(frame.pid) is None, frame
 
 
-async def _drive(peer: RawPeer, agent_side: trio.StapledStream[Any, Any], sequence: list[Op],
-                 status: list[int]) -> None:
-    async with trio.open_nursery() as nursery:
-
-        async def serve() -> None:
-            status.append(await agent.serve(agent.StreamTransport(agent_side, agent_side),
-                                            grace=0.5))
-            await agent_side.send_stream.aclose()  # our reader sees the end
-
-        nursery.start_soon(serve)
-        await peer.handshake()
-        witness = Witness(peer)
-        await witness.start()
-        for index, op in enumerate(sequence):
-            await witness.feed(str(index))
-            await peer.send_body(op.body)
-            answer = await peer.sync()
-            if op.kind is not None:
-                assert_refused(answer, op.kind, op.body.get("t"), repr(op.body))
-        await witness.check_echo()
-        await witness.finish()
-        await peer.close_send()
-        await peer.rest()
+async def _drive(peer: Raw, sequence: list[Op]) -> None:
+    witness = Witness(peer)
+    witness.start()
+    for index, op in enumerate(sequence):
+        witness.feed(str(index))
+        peer.send_body(op.body)
+        answer = await peer.sync()
+        if op.kind is not None:
+            assert_refused(answer, op.kind, op.body.get("t"), repr(op.body))
+    await witness.check_echo()
+    await witness.finish()
+    await peer.aclose_write()
+    await peer.rest()  # until the agent's stream ends: serve() has returned
 
 
 @settings(max_examples=100, deadline=None,
@@ -309,46 +295,46 @@ _SPAWN_FAILS: list[tuple[str, dict[str, Any], str]] = [
 ]
 
 
-async def _corpus(process: AgentProcess) -> None:
-    peer = process.peer
+async def _corpus(process: Spawned) -> None:
+    peer = process.raw
     witness = Witness(peer)
-    await witness.start()
+    witness.start()
     cases = [(n, wire(b), expected_kind(b), b["t"]) for n, b in wrong_type_cases()]
     assert len(cases) > 80
     assert {kind for _, _, kind, _ in cases} == {"bad-frame"}
     for name, frame, kind, ref in [*cases, *_REFUSED]:
-        await witness.feed(name)
-        await peer.send_raw(frame)
+        witness.feed(name)
+        peer.send_raw(frame)
         assert kind is not None
         assert_refused(await peer.sync(), kind, ref, name)
         await witness.check_echo()
 
     for name, body, errno_name in _SPAWN_FAILS:
-        await witness.feed(name)
-        await peer.send_body(body)
+        witness.feed(name)
+        peer.send_body(body)
         child = body["id"]
         await peer.until_all(lambda _: peer.has(Exit, child))  # noqa: B023 (awaited here)
         assert peer.has(Error, child, kind="spawn-failed", errno=errno_name, ref="exec"), name
         assert peer.has(Exit, child, code=126) and not peer.has(Started, child), name
-        await peer.send_frame(Close(child))
+        peer.send(Close(child))
         await peer.until_all(lambda _: peer.has(Closed, child))  # noqa: B023
         await witness.check_echo()
 
     # Accepted although odd: the largest id; argv as msgpack str holding invalid UTF-8
     # (the bytes reach the child unchanged); an unknown key holding 3 MiB.
     top = 2**64 - 1
-    await peer.send_body(_body("exec", id=top, argv=[b"cat"]))
-    await peer.send_frame(Data(top, 0, b"max id"))
-    await peer.send_frame(Eof(top, 0))
-    await peer.send_raw(_raw_frame(b"\x83", _p("t"), _p("exec"), _p("id"), _p(60), _p("argv"),
+    peer.send_body(_body("exec", id=top, argv=[b"cat"]))
+    peer.send(Data(top, 0, b"max id"))
+    peer.send(Eof(top, 0))
+    peer.send_raw(_raw_frame(b"\x83", _p("t"), _p("exec"), _p("id"), _p(60), _p("argv"),
                                    b"\x92", _p("echo"), _BAD_UTF8))
     await peer.until_all(lambda _: peer.has(Exit, top) and peer.has(Exit, 60))
     await peer.until_all(lambda _: peer.has(Eof, top, ch=1) and peer.has(Eof, 60, ch=1))
     assert peer.output(top, 1) == b"max id" and peer.has(Exit, top, code=0)
     assert peer.output(60, 1) == b"\xff\xfe\n" and peer.has(Exit, 60, code=0)
     before = len(errors_in(peer.frames))
-    await peer.send_body({"t": "ping", "n": 10**9, "zz": b"z" * (3 << 20), b"yy": [1, 2]})
-    await peer.send_raw(_raw_frame(b"\x83", _p("t"), _p("error"), _p("kind"), _p("x"),
+    peer.send_body({"t": "ping", "n": 10**9, "zz": b"z" * (3 << 20), b"yy": [1, 2]})
+    peer.send_raw(_raw_frame(b"\x83", _p("t"), _p("error"), _p("kind"), _p("x"),
                                    _p("msg"), _BAD_UTF8))
     await peer.sync()
     assert len(errors_in(peer.frames)) == before
@@ -358,14 +344,15 @@ async def _corpus(process: AgentProcess) -> None:
 
 async def test_corpus_of_nasty_frames(tmp_path: Path) -> None:
     with trio.fail_after(90):
-        async with raw_agent_process(tmp_path) as process:
+        async with spawned("--grace", "1", validate=False,
+                           stderr_to=tmp_path / "agent-stderr") as process:
             await _corpus(process)
             # Decoding frames near the 4 MiB limit and 200,000-entry argvs left no bloat.
             assert rss_bytes(process.pid) < 150 << 20
-            await process.peer.send_body(_body("shutdown"))
-            await process.peer.rest()
+            process.raw.send_body(_body("shutdown"))
+            await process.raw.rest()
             assert await process.process.wait() == 0
-        assert_healthy(process.peer)
+        assert_healthy(process.raw)
         stderr = process.stderr()
         assert "Traceback" not in stderr, stderr
 
@@ -392,15 +379,16 @@ _FATAL: list[tuple[str, bytes, str]] = [
 async def test_fatal_input_ends_the_agent_cleanly(tmp_path: Path, garbage: bytes, kind: str
                                                   ) -> None:
     with trio.fail_after(30):
-        async with raw_agent_process(tmp_path) as process:
-            peer = process.peer
+        async with spawned("--grace", "1", validate=False,
+                           stderr_to=tmp_path / "agent-stderr") as process:
+            peer = process.raw
             witness = Witness(peer)
-            await witness.start()
-            await witness.feed("before")
+            witness.start()
+            witness.feed("before")
             await witness.check_echo()
             started = next(f for f in peer.frames if isinstance(f, Started))
-            await peer.send_raw(garbage)
-            await peer.close_send()  # a truncated frame is only known to be one at EOF
+            peer.send_raw(garbage)
+            await peer.aclose_write()  # a truncated frame is only known to be one at EOF
             await peer.rest()
             assert await process.process.wait() == 1
         errors = errors_in(peer.frames)

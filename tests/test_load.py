@@ -19,18 +19,11 @@ from pathlib import Path
 
 import pytest
 import trio
-from conftest import agent_children, fd_count, rss_bytes, wait_until
+from conftest import agent_children, fd_count, read_all, rss_bytes, wait_until
 
 import controller
 
 GRACE_ARGS = ["--grace", "2"]
-
-
-async def read_all(stream: trio.abc.ReceiveStream) -> bytes:
-    out = bytearray()
-    while chunk := await stream.receive_some():
-        out += chunk
-    return bytes(out)
 
 
 async def agent_pid_of(agent: controller.Agent) -> int:

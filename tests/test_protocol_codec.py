@@ -12,9 +12,11 @@ from typing import Any
 
 import msgpack
 import pytest
+from conftest import ROOT
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import protocol
 from protocol import (
     DATA_FRAME_OVERHEAD,
     HEADER_SIZE,
@@ -589,3 +591,10 @@ def test_config_content_rules() -> None:
     assert decode_one(wire({"t": "config", "env_keep": [], "env_remove": ["/^X$/"]})) == Config(
         env_keep=(), env_remove=("/^X$/",)
     )
+
+
+def test_the_default_env_policy_is_the_specifications() -> None:
+    spec = (ROOT / "docs" / "protocol.md").read_text()
+    keep = " ".join(protocol.DEFAULT_ENV_KEEP)
+    remove = " ".join(protocol.DEFAULT_ENV_REMOVE)
+    assert f"Defaults: keep `{keep}`; remove `{remove}`." in " ".join(spec.split())

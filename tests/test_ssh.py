@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from conftest import all_procs, group_members, proc_stat, wait_until
+from conftest import all_procs, group_all, group_members, proc_stat, read_all, wait_until
 from sshd import SshServer, sshd
 
 import controller
@@ -22,13 +22,6 @@ pytestmark = pytest.mark.ssh
 
 GRACE = 1.0
 MPROXY_EXEC = str(Path(sys.executable).parent / "mproxy-exec")
-
-
-async def read_all(stream: trio.abc.ReceiveStream) -> bytes:
-    out = bytearray()
-    while chunk := await stream.receive_some():
-        out += chunk
-    return bytes(out)
 
 
 async def echo_through(send: trio.abc.SendStream, receive: trio.abc.ReceiveStream,
@@ -230,7 +223,7 @@ async def test_killing_the_ssh_client_kills_every_remote_child(sshd: SshServer) 
                 # in 5 runs with the agent required to be reaped within GRACE + 2).
                 agent = proc_stat(agent_pid)
                 return (agent is None or agent[0] == "Z") and not any(
-                    group_members(g, include_zombies=True) for g in groups)
+                    group_all(g) for g in groups)
 
             await wait_until(all_gone, timeout=GRACE + 2,
                              what="the remote agent and every child group to be gone")

@@ -38,11 +38,19 @@ USER_PROGRAM = textwrap.dedent("""\
                 proc.terminate()
                 proc.kill()
                 code: int = await proc.wait()
+            soon: controller.RemoteProcess = agent.start_process_soon(["cat"], stdin_eof=True)
+            async with soon:
+                await soon.wait_started()
+                await soon.wait()
+                rest: bytes = soon.stdout.receive_buffered()
             try:
                 await agent.ping()
             except controller.AgentClosed:
                 pass
-        print(done.stdout, pid, code)
+            except BaseExceptionGroup as group:
+                single: BaseException = controller.collapse_group(group)
+                raise single from None
+        print(done.stdout, pid, code, rest)
 
 
     trio.run(main)
