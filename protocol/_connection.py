@@ -3,12 +3,13 @@
 Both ends use the same class with a different :class:`Role`. It validates every frame in
 both directions against the protocol state (handshake, known children, open channels,
 flow-control credit) and keeps the bookkeeping, so the agent and the controller only
-decide *when* to send what.
+decide *when* to send what. What is allowed in which state of a child or channel is one
+table (``_state.py``), read for sending and for receiving alike; the credit, and when
+consumed bytes are returned as credit (:meth:`Connection.consumed`), is kept here.
 """
 
 from __future__ import annotations
 
-from enum import StrEnum
 from typing import Final
 
 from ._codec import (
@@ -45,6 +46,21 @@ from ._frames import (
     Stop,
     Window,
 )
+from ._state import (
+    ACCEPT,
+    CHANNEL_RULES,
+    CHILD_RULES,
+    CLOSED,
+    CLOSING,
+    OPEN,
+    SENT_BY,
+    STOPPED,
+    Allow,
+    Refuse,
+    Role,
+    State,
+    _ChildState,
+)
 
 __all__ = [
     "CAP_STOP",
@@ -72,11 +88,6 @@ CAP_STOP: Final = "stop"
 _MAX_CREDIT: Final = 2**62
 
 
-class Role(StrEnum):
-    AGENT = "agent"
-    CONTROLLER = "controller"
-
-
 class NeedData:
     """Sentinel type: feed more bytes with :meth:`Connection.receive_data`."""
 
@@ -94,48 +105,6 @@ class ConnectionClosed:
 NEED_DATA: Final = NeedData()
 CONNECTION_CLOSED: Final = ConnectionClosed()
 
-_CONTROL_BOTH: Final = (Hello, Data, Eof, Window, Error, Ping, Pong)
-_SENT_BY: Final[dict[Role, tuple[type[Frame], ...]]] = {
-    Role.CONTROLLER: (*_CONTROL_BOTH, Exec, Signal, Stop, Close, Config, Shutdown),
-    Role.AGENT: (*_CONTROL_BOTH, Started, SignalAck, Exit, Log, Closed, Goodbye),
-}
-
-
-class _Child:
-    """One child's state, as seen by this end of the connection."""
-
-    __slots__ = (
-        "closing",
-        "exited",
-        "received",
-        "recv_credit",
-        "recv_open",
-        "send_credit",
-        "send_open",
-        "sent",
-        "started",
-        "stopped",
-    )
-
-    def __init__(
-        self, send_channels: set[int], recv_channels: set[int], send_window: int,
-        recv_window: int,
-    ) -> None:
-        self.send_open = send_channels
-        self.recv_open = recv_channels
-        self.send_credit = dict.fromkeys(send_channels, send_window)
-        self.recv_credit = dict.fromkeys(recv_channels, recv_window)
-        self.sent = dict.fromkeys(send_channels, 0)
-        self.received = dict.fromkeys(recv_channels, 0)
-        self.started = False
-        self.exited = False
-        # Agent → controller channels the controller has sent stop for (section 5 of the
-        # spec): the agent sends no more data on them, only their eof.
-        self.stopped: set[int] = set()
-        # Controller: we sent close. Agent: we received close. Either way the child's data,
-        # eof and window frames are no longer wanted in either direction.
-        self.closing = False
-
 
 class Connection:
     """Protocol state of one end of an mproxy connection.
@@ -143,6 +112,8 @@ class Connection:
     Typical use: ``out = conn.initiate()`` and write it; then for every chunk read from
     the transport ``conn.receive_data(chunk)`` and call :meth:`next_event` until it
     returns :data:`NEED_DATA`; write whatever :meth:`send` / :meth:`send_data` return.
+    Report received data as it is consumed with :meth:`consumed`, and write the window
+    frames it returns: the connection decides when credit goes back.
 
     Errors: :class:`LocalProtocolError` when our side breaks a rule (nothing is
     encoded, state unchanged); :class:`RemoteProtocolError` from :meth:`next_event` when
@@ -185,7 +156,19 @@ class Connection:
         self._initiated = False
         self._eof = False
         self._fatal: RemoteProtocolError | None = None
-        self._children: dict[int, _Child] = {}
+        self._children: dict[int, _ChildState] = {}
+        # This role's and the peer's cells of the tables (the data path reads them on
+        # every frame).
+        self._sent_by_us = SENT_BY[role]
+        self._sent_by_peer = SENT_BY[self.peer_role]
+        self._our_child_rules = CHILD_RULES[role]
+        self._peer_child_rules = CHILD_RULES[self.peer_role]
+        self._our_channel_rules = CHANNEL_RULES[role]
+        self._peer_channel_rules = CHANNEL_RULES[self.peer_role]
+        self._our_data_rules = self._our_channel_rules[Data]
+        self._peer_data_rules = self._peer_channel_rules[Data]
+        # Consumed bytes are returned as credit once they reach half our window.
+        self._return_at = window // 2
         self.shutdown_requested = False  # controller sent / agent received shutdown
         self.goodbye = False  # agent sent / controller received goodbye
 
@@ -211,27 +194,68 @@ class Connection:
 
     def send_credit(self, id: int, ch: int) -> int:
         """Bytes we may send now on channel ``ch`` of child ``id`` (0 when not open)."""
+        # Called before every data frame: the checks are can_send()'s, inlined.
         child = self._children.get(id)
-        if child is None or child.closing or ch not in child.send_open:
+        if child is None or child.controller is CLOSING:
             return 0
-        return child.send_credit[ch]
+        chan = child.sending.get(ch)
+        if chan is None or (chan.state is not OPEN and chan.state is not STOPPED):
+            return 0
+        return chan.credit
 
     def can_send(self, id: int, ch: int) -> bool:
-        """Whether channel ``ch`` of child ``id`` is open for us to send on."""
+        """Whether channel ``ch`` of child ``id`` is open for us to send on (a stopped
+        channel is: its eof is still to be sent)."""
         child = self._children.get(id)
-        return child is not None and not child.closing and ch in child.send_open
+        if child is None or child.controller is CLOSING:
+            return False
+        chan = child.sending.get(ch)
+        return chan is not None and (chan.state is OPEN or chan.state is STOPPED)
 
     def bytes_sent(self, id: int, ch: int) -> int:
-        return self._child(id).sent[ch]
+        return self._child(id).sending[ch].count
 
     def bytes_received(self, id: int, ch: int) -> int:
-        return self._child(id).received[ch]
+        return self._child(id).receiving[ch].count
 
-    def _child(self, id: int) -> _Child:
+    def _child(self, id: int) -> _ChildState:
         child = self._children.get(id)
         if child is None:
             raise LocalProtocolError(ErrorKind.UNKNOWN_CHILD, f"no child with id {id}", id=id)
         return child
+
+    # ------------------------------------------------------------------ credit
+
+    def consumed(self, id: int, ch: int, n: int, *, now: bool = False) -> bytes:
+        """Report ``n`` bytes received on channel ``ch`` of child ``id`` as consumed
+        (written to the child, read by the user, or discarded) and return the window
+        frame that gives their credit back to the peer when one is due, else ``b""``.
+
+        Credit is returned once the consumed bytes reach half our window, so that the
+        peer never waits for it while a window frame per data frame is avoided; with
+        ``now``, whatever is consumed is returned at once (the bytes are being
+        discarded: nothing is gained by waiting). Returns ``b""`` as well when the
+        credit is no longer wanted: the child is gone or being closed, the channel had
+        its eof or was stopped, or the connection is ending (goodbye)."""
+        child = self._children.get(id)
+        if child is None or self.goodbye:
+            return b""
+        chan = child.receiving.get(ch)
+        if chan is None:
+            raise LocalProtocolError(
+                ErrorKind.BAD_CHANNEL, f"child {id} has no channel {ch} to receive on",
+                id=id, ref="window",
+            )
+        due = chan.unreturned + n
+        if not due or (due < self._return_at and not now):
+            chan.unreturned = due
+            return b""
+        chan.unreturned = 0
+        # Where the table refuses a window (our own close), nobody wants the credit.
+        if not isinstance(self._our_channel_rules[Window][child.controller][chan.state].send,
+                          Allow):
+            return b""
+        return self.send(Window(id, ch, due))
 
     # ------------------------------------------------------------------ receiving
 
@@ -324,33 +348,7 @@ class Connection:
     def _accept(self, frame: Frame) -> bool:
         """Validate a received frame and update state; False means drop it silently."""
         if self.their_hello is None:
-            if not isinstance(frame, Hello):
-                raise RemoteProtocolError(
-                    ErrorKind.HANDSHAKE,
-                    f"expected a hello frame first, got {frame.TYPE}",
-                    ref=frame.TYPE,
-                    fatal=True,
-                )
-            if frame.version != PROTOCOL_VERSION:
-                raise RemoteProtocolError(
-                    ErrorKind.VERSION_MISMATCH,
-                    f"peer speaks protocol version {frame.version}, "
-                    f"this side speaks {PROTOCOL_VERSION}",
-                    ref="hello",
-                    fatal=True,
-                )
-            if frame.role is not None and frame.role != self.peer_role:
-                # Our own role: nothing but an echo of our hello says that.
-                raise RemoteProtocolError(
-                    ErrorKind.HANDSHAKE,
-                    f"hello frame: the peer's hello says role {frame.role!r}, this side's "
-                    f"own: the {self.peer_role} command echoed our frames back (is it "
-                    f"`cat`?)",
-                    ref="hello",
-                    fatal=True,
-                )
-            self.their_hello = frame
-            return True
+            return self._accept_hello(frame)
         if self.goodbye and self.role is Role.CONTROLLER:
             raise RemoteProtocolError(
                 ErrorKind.BAD_FRAME,
@@ -358,7 +356,7 @@ class Connection:
                 id=getattr(frame, "id", None),
                 ref=frame.TYPE,
             )
-        if not isinstance(frame, _SENT_BY[self.peer_role]):
+        if not isinstance(frame, self._sent_by_peer):
             raise RemoteProtocolError(
                 ErrorKind.BAD_FRAME,
                 f"{frame.TYPE} frames are not sent by the {self.peer_role}",
@@ -367,16 +365,17 @@ class Connection:
             )
         if isinstance(frame, Data):
             return self._accept_data(frame)
-        if isinstance(frame, Eof):
-            return self._accept_eof(frame)
-        if isinstance(frame, Window):
-            return self._accept_window(frame)
-        if isinstance(frame, Stop):
-            return self._accept_stop(frame)
-        if isinstance(frame, Exec):
+        if isinstance(frame, (Eof, Window, Stop)):
+            return self._accept_channel_control(frame)
+        if isinstance(frame, (Signal, SignalAck, Started, Exit, Close, Closed)):
+            child = self._remote_child(frame, frame.id)
+            outcome = self._peer_child_rules[type(frame)][
+                child.agent, child.controller].receive
+            if isinstance(outcome, Refuse):
+                raise outcome.remote(frame.TYPE, frame.id)
+            self._move(child, frame.id, outcome)
+        elif isinstance(frame, Exec):
             self._accept_exec(frame)
-        elif isinstance(frame, (Signal, SignalAck, Started, Exit, Close, Closed)):
-            self._accept_child_control(frame)
         elif isinstance(frame, Hello):
             raise RemoteProtocolError(ErrorKind.HANDSHAKE, "second hello frame", ref="hello")
         elif isinstance(frame, Shutdown):
@@ -387,7 +386,36 @@ class Connection:
             assert isinstance(frame, (Error, Log, Config, Ping, Pong)), frame
         return True
 
-    def _remote_child(self, frame: Frame, id: int) -> _Child:
+    def _accept_hello(self, frame: Frame) -> bool:
+        if not isinstance(frame, Hello):
+            raise RemoteProtocolError(
+                ErrorKind.HANDSHAKE,
+                f"expected a hello frame first, got {frame.TYPE}",
+                ref=frame.TYPE,
+                fatal=True,
+            )
+        if frame.version != PROTOCOL_VERSION:
+            raise RemoteProtocolError(
+                ErrorKind.VERSION_MISMATCH,
+                f"peer speaks protocol version {frame.version}, "
+                f"this side speaks {PROTOCOL_VERSION}",
+                ref="hello",
+                fatal=True,
+            )
+        if frame.role is not None and frame.role != self.peer_role:
+            # Our own role: nothing but an echo of our hello says that.
+            raise RemoteProtocolError(
+                ErrorKind.HANDSHAKE,
+                f"hello frame: the peer's hello says role {frame.role!r}, this side's "
+                f"own: the {self.peer_role} command echoed our frames back (is it "
+                f"`cat`?)",
+                ref="hello",
+                fatal=True,
+            )
+        self.their_hello = frame
+        return True
+
+    def _remote_child(self, frame: Frame, id: int) -> _ChildState:
         child = self._children.get(id)
         if child is None:
             raise RemoteProtocolError(
@@ -397,6 +425,14 @@ class Connection:
                 ref=frame.TYPE,
             )
         return child
+
+    def _move(self, child: _ChildState, id: int, outcome: Allow) -> None:
+        """Apply an allowed child frame's transition."""
+        if outcome.next is not None:
+            assert isinstance(outcome.next, tuple)
+            child.agent, child.controller = outcome.next
+            if child.agent is CLOSED:
+                del self._children[id]
 
     def _accept_exec(self, frame: Exec) -> None:
         if self.shutdown_requested:
@@ -415,7 +451,7 @@ class Connection:
             )
         assert self.their_hello is not None
         extra = set(frame.fds)
-        self._children[frame.id] = _Child(
+        self._children[frame.id] = _ChildState(
             send_channels={1, 2} | extra,
             recv_channels={0} | extra,
             send_window=self.their_hello.window,
@@ -424,155 +460,63 @@ class Connection:
 
     def _accept_data(self, frame: Data) -> bool:
         child = self._remote_child(frame, frame.id)
-        if child.closing:
-            return self._after_close(frame)
-        self._check_recv_channel(child, frame, frame.ch)
+        chan = child.receiving.get(frame.ch)
+        outcome = self._peer_data_rules[child.controller][
+            None if chan is None else chan.state].receive
+        if outcome is not ACCEPT:
+            if isinstance(outcome, Refuse):
+                raise outcome.remote("data", frame.id, frame.ch)
+            return False
+        assert chan is not None
         size = len(frame.data)
-        if size > child.recv_credit[frame.ch]:
+        if size > chan.credit:
             raise RemoteProtocolError(
                 ErrorKind.CREDIT_EXCEEDED,
                 f"data frame: {size} bytes on channel {frame.ch} of child {frame.id} "
-                f"exceed the {child.recv_credit[frame.ch]} bytes of credit granted",
+                f"exceed the {chan.credit} bytes of credit granted",
                 id=frame.id,
                 ref="data",
             )
-        child.recv_credit[frame.ch] -= size
-        child.received[frame.ch] += size
+        chan.credit -= size
+        chan.count += size
         return True
 
-    def _accept_eof(self, frame: Eof) -> bool:
+    def _accept_channel_control(self, frame: Eof | Window | Stop) -> bool:
         child = self._remote_child(frame, frame.id)
-        if child.closing:
-            return self._after_close(frame)
-        self._check_recv_channel(child, frame, frame.ch)
-        received = child.received[frame.ch]
-        if frame.n is not None and frame.n != received:
-            raise RemoteProtocolError(
-                ErrorKind.BAD_FRAME,
-                f"eof frame: channel {frame.ch} of child {frame.id} announces {frame.n} "
-                f"bytes sent but {received} arrived",
-                id=frame.id,
-                ref="eof",
-            )
-        child.recv_open.discard(frame.ch)
-        return True
-
-    def _after_close(self, frame: Data | Eof) -> bool:
-        # Controller: the agent sent it before our close arrived; drop it. Agent: a
-        # conforming controller sends nothing on a channel after close.
-        if self.role is Role.CONTROLLER:
+        # Eof is about the peer's direction, window and stop about ours.
+        channels = child.receiving if isinstance(frame, Eof) else child.sending
+        chan = channels.get(frame.ch)
+        outcome = self._peer_channel_rules[type(frame)][child.controller][
+            None if chan is None else chan.state].receive
+        if isinstance(outcome, Refuse):
+            raise outcome.remote(frame.TYPE, frame.id, frame.ch)
+        if chan is None:
+            assert not outcome.passes
             return False
-        raise RemoteProtocolError(
-            ErrorKind.CHANNEL_CLOSED,
-            f"{frame.TYPE} frame: child {frame.id} was closed",
-            id=frame.id,
-            ref=frame.TYPE,
-        )
-
-    def _check_recv_channel(self, child: _Child, frame: Data | Eof, ch: int) -> None:
-        if ch in child.recv_open:
-            return
-        if ch in child.received:
-            raise RemoteProtocolError(
-                ErrorKind.CHANNEL_CLOSED,
-                f"{frame.TYPE} frame: channel {ch} of child {frame.id} already had its eof",
-                id=frame.id,
-                ref=frame.TYPE,
-            )
-        raise RemoteProtocolError(
-            ErrorKind.BAD_CHANNEL,
-            f"{frame.TYPE} frame: child {frame.id} has no channel {ch} in this direction",
-            id=frame.id,
-            ref=frame.TYPE,
-        )
-
-    def _accept_window(self, frame: Window) -> bool:
-        child = self._remote_child(frame, frame.id)
-        if frame.ch not in child.send_credit:
-            raise RemoteProtocolError(
-                ErrorKind.BAD_CHANNEL,
-                f"window frame: child {frame.id} has no channel {frame.ch} in this direction",
-                id=frame.id,
-                ref="window",
-            )
-        if child.closing or frame.ch not in child.send_open:
-            return False  # credit for a channel we already finished: harmless race
-        if self.role is Role.AGENT and frame.ch in child.stopped:
-            return False  # and for one that will carry nothing but its eof
-        credit = child.send_credit[frame.ch] + frame.n
-        if credit > _MAX_CREDIT:
-            raise RemoteProtocolError(
-                ErrorKind.BAD_FRAME,
-                f"window frame: credit on channel {frame.ch} of child {frame.id} would "
-                f"exceed 2**62 bytes",
-                id=frame.id,
-                ref="window",
-            )
-        child.send_credit[frame.ch] = credit
-        return True
-
-    def _accept_stop(self, frame: Stop) -> bool:
-        child = self._remote_child(frame, frame.id)
-        if child.closing:
-            raise RemoteProtocolError(
-                ErrorKind.CHANNEL_CLOSED,
-                f"stop frame: child {frame.id} was closed",
-                id=frame.id,
-                ref="stop",
-            )
-        if frame.ch not in child.sent:
-            raise RemoteProtocolError(
-                ErrorKind.BAD_CHANNEL,
-                f"stop frame: child {frame.id} has no channel {frame.ch} in the agent's "
-                f"direction",
-                id=frame.id,
-                ref="stop",
-            )
-        if frame.ch in child.stopped:
-            raise RemoteProtocolError(
-                ErrorKind.BAD_FRAME,
-                f"stop frame: channel {frame.ch} of child {frame.id} was already stopped",
-                id=frame.id,
-                ref="stop",
-            )
-        child.stopped.add(frame.ch)
-        # After our eof the two crossed: the channel is over already.
-        return frame.ch in child.send_open
-
-    def _accept_child_control(
-        self, frame: Signal | SignalAck | Started | Exit | Close | Closed
-    ) -> None:
-        problem = self._advance(self._remote_child(frame, frame.id), frame)
-        if problem is not None:
-            raise RemoteProtocolError(
-                ErrorKind.BAD_FRAME, f"{frame.TYPE} frame: {problem}", id=frame.id,
-                ref=frame.TYPE,
-            )
-
-    def _advance(
-        self, child: _Child, frame: Signal | SignalAck | Started | Exit | Close | Closed
-    ) -> str | None:
-        """Apply a lifecycle frame to ``child`` (either direction), or say what is wrong
-        with it (the state is then unchanged)."""
-        if isinstance(frame, Started):
-            if child.started or child.exited:
-                return (f"child {frame.id} was already reported "
-                        f"{'started' if child.started else 'exited'}")
-            child.started = True
-        elif isinstance(frame, Exit):
-            if child.exited:
-                return f"child {frame.id} already exited"
-            child.exited = True
-        elif isinstance(frame, Close):
-            if child.closing:
-                return f"child {frame.id} is already being closed"
-            child.closing = True
-        elif isinstance(frame, Closed):
-            if not (child.closing and child.exited):
-                return (f"child {frame.id} has not been "
-                        f"{'closed' if not child.closing else 'reported exited'}")
-            del self._children[frame.id]
-        return None
+        if outcome.passes and isinstance(frame, Eof):
+            if frame.n is not None and frame.n != chan.count:
+                raise RemoteProtocolError(
+                    ErrorKind.BAD_FRAME,
+                    f"eof frame: channel {frame.ch} of child {frame.id} announces {frame.n} "
+                    f"bytes sent but {chan.count} arrived",
+                    id=frame.id,
+                    ref="eof",
+                )
+        elif outcome.passes and isinstance(frame, Window):
+            credit = chan.credit + frame.n
+            if credit > _MAX_CREDIT:
+                raise RemoteProtocolError(
+                    ErrorKind.BAD_FRAME,
+                    f"window frame: credit on channel {frame.ch} of child {frame.id} would "
+                    f"exceed 2**62 bytes",
+                    id=frame.id,
+                    ref="window",
+                )
+            chan.credit = credit
+        if outcome.next is not None:
+            assert isinstance(outcome.next, State)
+            chan.state = outcome.next
+        return outcome.passes
 
     # ------------------------------------------------------------------ sending
 
@@ -604,41 +548,16 @@ class Connection:
         # Encoded before any state changes, so an oversized frame leaves the state alone.
         # Eof is encoded at the end: its n is filled in below.
         out = b"" if isinstance(frame, Eof) else self._encode_within_limit(frame)
-        if isinstance(frame, Eof):
+        if isinstance(frame, (Eof, Window, Stop)):
+            return self._send_channel_control(frame, out)
+        if isinstance(frame, (Signal, SignalAck, Started, Exit, Close, Closed)):
             child = self._child(frame.id)
-            if self._dropped(child, frame):
-                return b""
-            self._check_send_channel(child, frame.id, frame.ch, "eof")
-            frame = Eof(id=frame.id, ch=frame.ch, n=child.sent[frame.ch])
-            child.send_open.discard(frame.ch)
-        elif isinstance(frame, Window):
-            child = self._child(frame.id)
-            if self._dropped(child, frame):
-                return b""
-            if frame.ch not in child.recv_credit:
-                raise LocalProtocolError(
-                    ErrorKind.BAD_CHANNEL,
-                    f"child {frame.id} has no channel {frame.ch} to receive on",
-                    id=frame.id,
-                    ref="window",
-                )
-            if frame.ch not in child.recv_open:
-                return b""  # the peer has sent its eof; credit is pointless
-            if self.role is Role.CONTROLLER and frame.ch in child.stopped:
-                return b""  # the agent sends nothing more on it but its eof
-            if child.recv_credit[frame.ch] + frame.n > _MAX_CREDIT:
-                raise LocalProtocolError(
-                    ErrorKind.BAD_FRAME, "window would exceed 2**62 bytes", id=frame.id,
-                    ref="window",
-                )
-            child.recv_credit[frame.ch] += frame.n
-        elif isinstance(frame, Stop):
-            if not self._send_stop(frame):
-                return b""
+            outcome = self._our_child_rules[type(frame)][child.agent, child.controller].send
+            if isinstance(outcome, Refuse):
+                raise outcome.local(frame.TYPE, frame.id)
+            self._move(child, frame.id, outcome)
         elif isinstance(frame, Exec):
             self._send_exec(frame)
-        elif isinstance(frame, (Signal, SignalAck, Started, Exit, Close, Closed)):
-            self._send_child_control(frame)
         elif isinstance(frame, Shutdown):
             self.shutdown_requested = True
         elif isinstance(frame, Goodbye):
@@ -647,7 +566,43 @@ class Connection:
             raise LocalProtocolError(
                 ErrorKind.HANDSHAKE, "hello is sent by initiate()", ref="hello"
             )
-        return encode(frame) if isinstance(frame, Eof) else out
+        return out
+
+    def _send_channel_control(self, frame: Eof | Window | Stop, out: bytes) -> bytes:
+        child = self._child(frame.id)
+        if isinstance(frame, Stop):
+            assert self.their_hello is not None  # there are children
+            if CAP_STOP not in self.their_hello.caps:
+                raise LocalProtocolError(
+                    ErrorKind.BAD_FRAME,
+                    f"stop frame: the agent does not announce the {CAP_STOP!r} capability",
+                    id=frame.id, ref="stop",
+                )
+        # Eof is about our direction, window and stop about the peer's.
+        channels = child.sending if isinstance(frame, Eof) else child.receiving
+        chan = channels.get(frame.ch)
+        outcome = self._our_channel_rules[type(frame)][child.controller][
+            None if chan is None else chan.state].send
+        if isinstance(outcome, Refuse):
+            raise outcome.local(frame.TYPE, frame.id, frame.ch)
+        if chan is None:
+            assert not outcome.passes
+            return b""
+        if outcome.passes and isinstance(frame, Window):
+            if chan.credit + frame.n > _MAX_CREDIT:
+                raise LocalProtocolError(
+                    ErrorKind.BAD_FRAME, "window would exceed 2**62 bytes", id=frame.id,
+                    ref="window",
+                )
+            chan.credit += frame.n
+        if outcome.next is not None:
+            assert isinstance(outcome.next, State)
+            chan.state = outcome.next
+        if not outcome.passes:
+            return b""
+        if isinstance(frame, Eof):
+            return encode(Eof(id=frame.id, ch=frame.ch, n=chan.count))
+        return out
 
     def _encode_within_limit(self, frame: Frame) -> bytes:
         # The peer rejects a frame over its limit as fatal (frame-too-large): refuse it here.
@@ -686,25 +641,19 @@ class Connection:
         (e.g. with ``splice`` from a pipe): the same checks, accounting and header."""
         self._check_can_send(Data)
         child = self._child(id)
-        if child.closing and self.role is Role.AGENT:
+        chan = child.sending.get(ch)
+        outcome = self._our_data_rules[child.controller][
+            None if chan is None else chan.state].send
+        if outcome is not ACCEPT:
+            if isinstance(outcome, Refuse):
+                raise outcome.local("data", id, ch)
             return b""
-        if child.closing:
-            raise LocalProtocolError(
-                ErrorKind.CHANNEL_CLOSED, f"child {id} is closed", id=id, ref="data"
-            )
-        self._check_send_channel(child, id, ch, "data")
-        if self.role is Role.AGENT and ch in child.stopped:
-            raise LocalProtocolError(
-                ErrorKind.CHANNEL_CLOSED,
-                f"channel {ch} of child {id} was stopped by the controller: send its eof",
-                id=id,
-                ref="data",
-            )
-        if size > child.send_credit[ch]:
+        assert chan is not None
+        if size > chan.credit:
             raise LocalProtocolError(
                 ErrorKind.CREDIT_EXCEEDED,
                 f"{size} bytes on channel {ch} of child {id} exceed the credit of "
-                f"{child.send_credit[ch]}",
+                f"{chan.credit}",
                 id=id,
                 ref="data",
             )
@@ -715,15 +664,15 @@ class Connection:
                 id=id,
                 ref="data",
             )
-        child.send_credit[ch] -= size
-        child.sent[ch] += size
+        chan.credit -= size
+        chan.count += size
         return encode_data_header(id, ch, size)
 
     def _check_can_send(self, frame: Frame | type[Frame]) -> None:
         if not self._initiated:
             raise LocalProtocolError(ErrorKind.HANDSHAKE, "send our hello (initiate) first")
         if not issubclass(frame if isinstance(frame, type) else type(frame),
-                          _SENT_BY[self.role]):
+                          self._sent_by_us):
             raise LocalProtocolError(
                 ErrorKind.BAD_FRAME,
                 f"{frame.TYPE} frames are not sent by the {self.role}",
@@ -733,34 +682,6 @@ class Connection:
             raise LocalProtocolError(
                 ErrorKind.BAD_FRAME, "nothing may follow goodbye", ref=frame.TYPE
             )
-
-    def _dropped(self, child: _Child, frame: Frame) -> bool:
-        if not child.closing:
-            return False
-        if self.role is Role.AGENT:
-            return True
-        raise LocalProtocolError(
-            ErrorKind.CHANNEL_CLOSED,
-            f"{frame.TYPE} frame: child {getattr(frame, 'id', '?')} is closed",
-            ref=frame.TYPE,
-        )
-
-    def _check_send_channel(self, child: _Child, id: int, ch: int, ftype: str) -> None:
-        if ch in child.send_open:
-            return
-        if ch in child.sent:
-            raise LocalProtocolError(
-                ErrorKind.CHANNEL_CLOSED,
-                f"channel {ch} of child {id} already had its eof",
-                id=id,
-                ref=ftype,
-            )
-        raise LocalProtocolError(
-            ErrorKind.BAD_CHANNEL,
-            f"child {id} has no channel {ch} to send on",
-            id=id,
-            ref=ftype,
-        )
 
     def _send_exec(self, frame: Exec) -> None:
         if self.their_hello is None:
@@ -781,52 +702,9 @@ class Connection:
                 ref="exec",
             )
         extra = set(frame.fds)
-        self._children[frame.id] = _Child(
+        self._children[frame.id] = _ChildState(
             send_channels={0} | extra,
             recv_channels={1, 2} | extra,
             send_window=self.their_hello.window,
             recv_window=self.our_hello.window,
         )
-
-    def _send_stop(self, frame: Stop) -> bool:
-        """Record a stop we send; False when it is pointless (the eof has arrived)."""
-        child = self._child(frame.id)
-        if child.closing:
-            raise LocalProtocolError(
-                ErrorKind.CHANNEL_CLOSED, f"stop frame: child {frame.id} is closed",
-                id=frame.id, ref="stop",
-            )
-        assert self.their_hello is not None  # there are children
-        if CAP_STOP not in self.their_hello.caps:
-            raise LocalProtocolError(
-                ErrorKind.BAD_FRAME,
-                f"stop frame: the agent does not announce the {CAP_STOP!r} capability",
-                id=frame.id, ref="stop",
-            )
-        if frame.ch not in child.received:
-            raise LocalProtocolError(
-                ErrorKind.BAD_CHANNEL,
-                f"stop frame: child {frame.id} has no channel {frame.ch} to receive on",
-                id=frame.id, ref="stop",
-            )
-        if frame.ch in child.stopped:
-            raise LocalProtocolError(
-                ErrorKind.BAD_FRAME,
-                f"stop frame: channel {frame.ch} of child {frame.id} was already stopped",
-                id=frame.id, ref="stop",
-            )
-        child.stopped.add(frame.ch)
-        return frame.ch in child.recv_open
-
-    def _send_child_control(
-        self, frame: Signal | SignalAck | Started | Exit | Close | Closed
-    ) -> None:
-        child = self._child(frame.id)
-        if isinstance(frame, Signal) and child.closing:
-            raise LocalProtocolError(
-                ErrorKind.CHANNEL_CLOSED, f"child {frame.id} is closed", id=frame.id,
-                ref="signal",
-            )
-        problem = self._advance(child, frame)
-        if problem is not None:
-            raise LocalProtocolError(ErrorKind.BAD_FRAME, problem, id=frame.id, ref=frame.TYPE)

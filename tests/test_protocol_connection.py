@@ -52,6 +52,7 @@ from protocol import (
     Window,
     encode,
 )
+from protocol._state import STOPPED, STOPPED_EOF
 
 AGENT_WINDOW = 1000
 CONTROLLER_WINDOW = 3000
@@ -1319,8 +1320,9 @@ def test_random_conforming_operation(data: st.DataObject) -> None:
             elif op == "signal":
                 to_agent.append(ctrl.send(Signal(id=id, sig="TERM")))
             elif op == "stop":
-                chans = [ch for ch in (1, 2, 3, 4) if ch in ctrl._children[id].received
-                         and ch not in ctrl._children[id].stopped]
+                receiving = ctrl._children[id].receiving
+                chans = [ch for ch in (1, 2, 3, 4) if ch in receiving
+                         and receiving[ch].state not in (STOPPED, STOPPED_EOF)]
                 if chans:
                     out = ctrl.send(Stop(id=id, ch=data.draw(st.sampled_from(chans))))
                     if out:
@@ -1368,10 +1370,10 @@ def test_random_conforming_operation(data: st.DataObject) -> None:
         if id in c_closing or not agent.has_child(id):
             continue
         for ch in (1, 2, 3, 4):
-            if agent.has_child(id) and ch in agent._children[id].sent:
+            if agent.has_child(id) and ch in agent._children[id].sending:
                 assert agent.bytes_sent(id, ch) == ctrl.bytes_received(id, ch)
         for ch in (0, 3, 4):
-            if ch in ctrl._children[id].sent:
+            if ch in ctrl._children[id].sending:
                 assert ctrl.bytes_sent(id, ch) == agent.bytes_received(id, ch)
 
 
