@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
-from protocol import Data, Eof, Error, ErrorKind, Window
+from protocol import Data, Eof, Error, ErrorKind
 
 if TYPE_CHECKING:
     from ._agent import Agent, Child
@@ -323,7 +323,6 @@ class InPump:
         self._chunks: deque[memoryview] = deque()
         self._eof = False
         self._broken = False
-        self._consumed = 0
         self._wakeup = trio.lowlevel.ParkingLot()
 
     def feed(self, frame: Data) -> None:
@@ -345,11 +344,9 @@ class InPump:
         self._wakeup.unpark_all()
 
     def _grant(self, size: int) -> None:
-        self._consumed += size
-        window = self._agent.conn.our_hello.window
-        if self._consumed >= window // 2 or (self._broken and self._consumed):
-            self._agent.send(Window(self._child.id, self.ch, self._consumed))
-            self._consumed = 0
+        # Once broken, everything is discarded: its credit goes back at once.
+        self._agent.writer.send_control(
+            self._agent.conn.consumed(self._child.id, self.ch, size, now=self._broken))
 
     async def run(self) -> None:
         try:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
-from protocol import CAP_STOP, Eof, Stop, Window
+from protocol import CAP_STOP, Eof, Stop
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -100,7 +100,6 @@ class _Incoming:
         self._ch = ch
         self._chunks: deque[bytes | memoryview] = deque()
         self.eof = False
-        self._consumed = 0
         self._lot = trio.lowlevel.ParkingLot()
         self._busy = False
         # Closed on our side (aclose, the process closed): reads raise
@@ -163,11 +162,9 @@ class _Incoming:
         self._lot.unpark_all()
 
     def _grant(self, size: int) -> None:
-        self._consumed += size
-        if self._consumed >= self._agent.conn.our_hello.window // 2:
-            if not self._process.closed and not self._agent.lost:
-                self._agent.send(Window(self._process.id, self._ch, self._consumed))
-            self._consumed = 0
+        window = self._agent.conn.consumed(self._process.id, self._ch, size)
+        if window and not self._agent.lost:
+            self._agent.writer.send_control(window)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if max_bytes is not None and max_bytes < 1:
