@@ -1256,7 +1256,7 @@ def test_random_conforming_operation(data: st.DataObject) -> None:
     to_agent: list[bytes] = []
     to_ctrl: list[bytes] = []
     # the agent's view (filled as frames arrive) and the controller's
-    a_kids: dict[int, dict[str, Any]] = {}
+    a_children: dict[int, dict[str, Any]] = {}
     c_closing: set[int] = set()
     next_id = 0
 
@@ -1270,26 +1270,26 @@ def test_random_conforming_operation(data: st.DataObject) -> None:
             and not conn.can_send(frame.id, frame.ch)
         ) or (
             # credit for a channel the controller stopped: only its eof will follow
-            conn is agent and isinstance(frame, Window) and frame.id in a_kids
-            and frame.ch in a_kids[frame.id]["stopped"]
+            conn is agent and isinstance(frame, Window) and frame.id in a_children
+            and frame.ch in a_children[frame.id]["stopped"]
         )
         events = deliver(conn, raw)
         assert events == ([] if swallowed else [frame])
         event(f"{type(frame).__name__} {'swallowed' if swallowed else 'accepted'}")
         if conn is agent and isinstance(frame, Exec):
-            a_kids[frame.id] = {"started": False, "exited": False, "close": False,
+            a_children[frame.id] = {"started": False, "exited": False, "close": False,
                                 "chans": sorted({1, 2, *frame.fds}), "stopped": set()}
         elif conn is agent and isinstance(frame, Stop):
-            a_kids[frame.id]["stopped"].add(frame.ch)
+            a_children[frame.id]["stopped"].add(frame.ch)
         elif conn is agent and isinstance(frame, Close):
-            a_kids[frame.id]["close"] = True
+            a_children[frame.id]["close"] = True
         elif conn is ctrl and isinstance(frame, Closed):
             c_closing.discard(frame.id)
 
     for _ in range(data.draw(st.integers(5, 80))):
         op = data.draw(st.sampled_from(OPS))
         c_ids = [i for i in ctrl.children() if i not in c_closing]
-        a_ids = sorted(a_kids)
+        a_ids = sorted(a_children)
         if op == "exec":
             fds = tuple(data.draw(st.lists(st.sampled_from([3, 4]), unique=True)))
             to_agent.append(ctrl.send(Exec(id=next_id, argv=(b"x",), fds=fds)))
@@ -1332,29 +1332,29 @@ def test_random_conforming_operation(data: st.DataObject) -> None:
                 c_closing.add(id)
         elif a_ids:
             id = data.draw(st.sampled_from(a_ids))
-            kid = a_kids[id]
+            child = a_children[id]
             out = b""
-            if op == "started" and not kid["started"] and not kid["exited"]:
+            if op == "started" and not child["started"] and not child["exited"]:
                 out = agent.send(Started(id=id, pid=id + 1))
-                kid["started"] = True
-            elif op == "exit" and not kid["exited"]:
+                child["started"] = True
+            elif op == "exit" and not child["exited"]:
                 out = agent.send(Exit(id=id, code=0))
-                kid["exited"] = True
+                child["exited"] = True
             elif op == "ack":
                 out = agent.send(SignalAck(id=id, sig="TERM"))
-            elif op == "closed" and kid["close"] and kid["exited"]:
+            elif op == "closed" and child["close"] and child["exited"]:
                 out = agent.send(Closed(id=id))
-                del a_kids[id]
+                del a_children[id]
             elif op == "a_data":
-                ch = data.draw(st.sampled_from(kid["chans"]))
-                if (agent.can_send(id, ch) and ch not in kid["stopped"]) or kid["close"]:
+                ch = data.draw(st.sampled_from(child["chans"]))
+                if (agent.can_send(id, ch) and ch not in child["stopped"]) or child["close"]:
                     size = data.draw(st.integers(0, agent.send_credit(id, ch)))
                     header = agent.send_data(id, ch, b"a" * size)
                     out = header + b"a" * size if header else b""
-                    assert header or kid["close"]
+                    assert header or child["close"]
             elif op == "a_eof":
-                ch = data.draw(st.sampled_from(kid["chans"]))
-                if agent.can_send(id, ch) or kid["close"]:
+                ch = data.draw(st.sampled_from(child["chans"]))
+                if agent.can_send(id, ch) or child["close"]:
                     out = agent.send(Eof(id=id, ch=ch))
             elif op == "a_window":
                 out = agent.send(Window(id=id, ch=0, n=data.draw(st.integers(1, 40))))
