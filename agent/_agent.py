@@ -15,6 +15,7 @@ from typing import Final
 import trio
 
 import childproc
+from link import FrameWriter, Transport, enlarge_pipe, receive_frames
 from protocol import (
     CAP_STOP,
     DEFAULT_MAX_FRAME,
@@ -57,8 +58,6 @@ from ._process import (
     wait_for_exit,
 )
 from ._pumps import Endpoint, InPump, OutPump
-from .transport import Transport, enlarge_pipe
-from .wire import FrameWriter, receive_frames
 
 __all__ = ["Agent"]
 

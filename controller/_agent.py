@@ -16,9 +16,15 @@ from typing import Final, Protocol
 
 import trio
 
-from agent import __version__
-from agent.transport import FdTransport, StreamTransport, Transport, enlarge_pipe
-from agent.wire import FrameWriter, receive_frames
+from link import (
+    FdTransport,
+    FrameWriter,
+    StreamTransport,
+    Transport,
+    __version__,
+    enlarge_pipe,
+    receive_frames,
+)
 from protocol import (
     DEFAULT_MAX_FRAME,
     Closed,
@@ -683,7 +689,7 @@ async def connect(
     shutdown_timeout: float = 30.0,
 ) -> AsyncIterator[Agent]:
     """Speak to an agent over already-open streams (a bidirectional trio stream, a
-    send/receive pair, or a :class:`~agent.transport.Transport`).
+    send/receive pair, or a :class:`~link.Transport`).
 
     Performs the handshake and yields the :class:`Agent`. No hello within
     ``handshake_timeout`` seconds raises :class:`AgentLost`.
