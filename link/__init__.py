@@ -8,6 +8,8 @@ neither depends on the other:
   stdio) and :class:`StreamTransport` (trio streams, e.g. in-memory for tests);
 - :class:`FrameWriter` (a connection's single writer) and :func:`receive_frames` (the
   frames a transport delivers);
+- :class:`Link`, which owns a connection, its writer and whether it has ended, and
+  runs both loops for the end it serves (a :class:`Receiver`);
 - ``__version__``, the distribution's version, which both ends announce in their hello.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 from importlib import metadata
 
+from ._link import Link, Receiver
 from ._transport import (
     Buffer,
     FdTransport,
@@ -29,6 +32,8 @@ __all__ = [
     "Buffer",
     "FdTransport",
     "FrameWriter",
+    "Link",
+    "Receiver",
     "StreamTransport",
     "Transport",
     "__version__",

@@ -117,6 +117,10 @@ def package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
     return packages
 
 
+def test_no_module_is_part_of_an_import_cycle() -> None:
+    assert cycles(import_graph()) == []
+
+
 def test_the_ends_do_not_import_each_other() -> None:
     packages = package_graph(import_graph())
     assert "controller" not in packages["agent"]
