@@ -37,13 +37,13 @@ from ._streams import (
     _Outgoing,
 )
 
-__all__ = ["RemoteProcess", "signal_name"]
+__all__ = ["RemoteProcess", "wire_signal_name"]
 
 #: How long leaving a RemoteProcess block waits for the killed child's exit frame.
 _KILL_WAIT = 10.0
 
 
-def signal_name(sig: signal_module.Signals | int | str) -> str:
+def wire_signal_name(sig: signal_module.Signals | int | str) -> str:
     """The wire name of a signal: "TERM" for signal.SIGTERM, 15, "SIGTERM" or "term".
 
     Raises ValueError for a signal the protocol cannot carry (an unknown name or number,
@@ -305,7 +305,7 @@ class RemoteProcess:
         protocol cannot carry, TypeError for a float or a bool, AgentLost if the agent
         is lost."""
         is_zero = isinstance(sig, int) and not isinstance(sig, bool) and sig == 0
-        name = "0" if is_zero else signal_name(sig)
+        name = "0" if is_zero else wire_signal_name(sig)
         delivery = _SignalDelivery(self, name)
         if is_zero or self.returncode is not None or self.closed:
             delivery._answer(None)
