@@ -2,27 +2,23 @@
 
 Public API:
 
-- :func:`serve` — run the agent over a :class:`~agent.transport.Transport` until the
+- :func:`serve` — run the agent over a :class:`~link.Transport` until the
   connection ends; every child is killed and reaped before it returns.
 - :func:`start_guardian` — fork the process that ends the children's groups if the
   agent is killed outright (SIGKILL, the OOM killer); pass it to :func:`serve`.
-- :mod:`agent.transport` — :class:`FdTransport` (pipes, sockets, stdio) and
-  :class:`StreamTransport` (trio streams, e.g. in-memory for tests).
-- :mod:`agent.wire` — frames over a transport (``FrameWriter``, ``receive_frames``),
-  shared with the controller.
+- :class:`FdTransport` (pipes, sockets, stdio) and :class:`StreamTransport` (trio
+  streams, e.g. in-memory for tests), from :mod:`link`.
 
 The command line (``mproxy-agent``, ``python -m agent``) is in ``agent._cli``.
 """
 
 from __future__ import annotations
 
-from importlib import metadata
-
+from link import FdTransport, StreamTransport, Transport, __version__
 from protocol import DEFAULT_MAX_FRAME, DEFAULT_WINDOW
 
 from ._agent import Agent
 from ._guardian import Guardian, start_guardian
-from .transport import FdTransport, StreamTransport, Transport
 
 __all__ = [
     "FdTransport",
@@ -33,12 +29,6 @@ __all__ = [
     "serve",
     "start_guardian",
 ]
-
-try:
-    __version__ = metadata.version("mproxy-agent")
-except metadata.PackageNotFoundError:  # running from a source tree
-    __version__ = "0+unknown"
-
 
 async def serve(
     transport: Transport,

@@ -1,4 +1,4 @@
-"""The agent's connection: one frame reader, one writer, and a task tree per child."""
+"""The agent: the frames of one controller's link, and a task tree per child."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from typing import Final
 import trio
 
 import childproc
+from link import Link, Transport, enlarge_pipe
 from protocol import (
     CAP_STOP,
     DEFAULT_MAX_FRAME,
@@ -56,9 +57,7 @@ from ._process import (
     signal_number,
     wait_for_exit,
 )
-from ._pumps import Endpoint, InPump, OutPump
-from .transport import Transport, enlarge_pipe
-from .wire import FrameWriter, receive_frames
+from ._pumps import OUTPUT_BUDGET, ByteBudget, Endpoint, InPump, OutPump
 
 __all__ = ["Agent"]
 
@@ -66,33 +65,8 @@ logger = logging.getLogger("mproxy.agent")
 
 _LEVELS: Final = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
                   "error": logging.ERROR}
-#: Bytes of child output the agent may hold (read but not yet written) across all children.
-OUTPUT_BUDGET: Final = 4 << 20
-#: Pause reading frames while this many control frames wait to be written: a controller
-#: that sends but never reads must not make the agent queue replies without bound.
-_MAX_QUEUED_CONTROL: Final = 10_000
 # How often teardown looks for processes left in the children's groups.
 _GROUP_POLL: Final = 0.05
-
-
-class ByteBudget:
-    """A semaphore counted in bytes; a request larger than the limit waits for zero."""
-
-    def __init__(self, limit: int) -> None:
-        self._limit = limit
-        self.used = 0
-        self._lot = trio.lowlevel.ParkingLot()
-
-    async def acquire(self, size: int) -> None:
-        while self.used and self.used + size > self._limit:
-            await self._lot.park()
-        self.used += size
-
-    def release(self, size: int) -> None:
-        if size:
-            self.used -= size
-            if self._lot:  # unpark_all costs even when nobody is parked
-                self._lot.unpark_all()
 
 
 class Child:
@@ -154,10 +128,11 @@ class Child:
 class Agent:
     """Serve one controller over ``transport`` until it leaves, shuts us down, or fails.
 
-    Guarantees: every child started is killed (its whole process group: SIGHUP and
-    SIGTERM, SIGKILL after ``grace`` seconds) and reaped before :meth:`run` returns,
-    whatever ends the connection; nothing the controller sends can crash the agent or
-    stall another child.
+    The receiver of its :class:`~link.Link`: frames from the controller arrive in
+    :meth:`frame_received`. Guarantees: every child started is killed (its whole process
+    group: SIGHUP and SIGTERM, SIGKILL after ``grace`` seconds) and reaped before
+    :meth:`run` returns, whatever ends the connection; nothing the controller sends can
+    crash the agent or stall another child.
     """
 
     def __init__(
@@ -174,14 +149,13 @@ class Agent:
         max_frame: int = DEFAULT_MAX_FRAME,
         version: str = "0",
     ) -> None:
-        self.transport = transport
-        self.conn = Connection(
+        conn = Connection(
             Role.AGENT, max_frame_size=max_frame, window=window, impl="mproxy-agent",
             impl_version=version,
             caps=("signal-ack", "half-close", "env-policy", CAP_STOP)
             + (("cgroup",) if contained else ()),
         )
-        self.writer = FrameWriter(transport)
+        self.link = Link(conn, transport, self)
         self.output_budget = ByteBudget(OUTPUT_BUDGET)
         self.children: dict[int, Child] = {}
         # Children the controller has not closed: what --max-children limits. A closed
@@ -200,9 +174,7 @@ class Agent:
         # Our own helper, not an orphan to reap or kill.
         self._helpers = {guardian.pid} if guardian is not None else set()
         self.exit_status = 0
-        self._stop = trio.Event()
-        self._stop_reason = ""
-        self._writer_done = trio.Event()
+        self._stopped = trio.Event()  # the link has ended
         self._tearing_down = False
         self._nursery: trio.Nursery | None = None
         # Orphan reaping must not run while a spawn is in flight in a worker thread: a
@@ -214,19 +186,6 @@ class Agent:
 
     # ------------------------------------------------------------------ plumbing
 
-    def send(self, frame: Frame) -> None:
-        """Queue a control frame; frames about released children, or after goodbye (the
-        connection is over), are dropped."""
-        if not self.conn.goodbye:
-            self.writer.send_control(self.conn.send(frame))
-
-    def send_after_data(self, frame: Frame) -> None:
-        """Queue a frame behind every data and eof frame queued so far (control frames
-        overtake those): closed must be the last frame about its child, goodbye the last
-        of the connection."""
-        if not self.conn.goodbye:
-            self.writer.send_data(self.conn.send(frame))
-
     def log(self, level: str, msg: str, **attrs: object) -> None:
         """A diagnostic for the controller, as a log frame; on stderr instead once the
         connection can no longer carry it (a local controller shares our stderr, so
@@ -234,17 +193,10 @@ class Agent:
         number = _LEVELS[level]
         if number < self.log_level:
             return
-        if self.conn.goodbye or self._stop.is_set():
+        if self.link.ended is not None:
             logger.log(number, "%s %s", msg, " ".join(f"{k}={v}" for k, v in attrs.items()))
         else:
-            self.send(Log(level=level, msg=msg, attrs={k: str(v) for k, v in attrs.items()}))
-
-    def stop(self, reason: str, status: int = 0) -> None:
-        """End the connection: the first reason wins."""
-        if not self._stop.is_set():
-            self._stop_reason = reason
-            self.exit_status = status
-            self._stop.set()
+            self.link.send(Log(level=level, msg=msg, attrs={k: str(v) for k, v in attrs.items()}))
 
     # ------------------------------------------------------------------ main
 
@@ -253,25 +205,21 @@ class Agent:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(self._write_loop)
-                self.writer.send_control(self.conn.initiate())
-                nursery.start_soon(self._read_loop)
+                nursery.start_soon(self.link.run)
                 if self.reap_orphans:
                     nursery.start_soon(self._reap_orphans_loop)
-                await self._stop.wait()
-                logger.debug("stopping: %s", self._stop_reason)
-                self.writer.close()
+                await self._stopped.wait()
+                logger.debug("stopping: %s", self.link.ended)
                 # Flush the last frames (goodbye, a fatal error), but never wait for
                 # ever on a controller that stopped reading.
-                with trio.move_on_after(max(1.0, self.grace)):
-                    await self._writer_done.wait()
+                await self.link.flush(max(1.0, self.grace))
                 nursery.cancel_scope.cancel()
         except Exception as exc:  # a bug in the agent, not bad input: report it, clean up
             text = "".join(traceback.format_exception(exc))
             logger.error("internal error, shutting down:\n%s", text)  # noqa: TRY400
             self.exit_status = 1
             with trio.move_on_after(1.0), contextlib.suppress(Exception):
-                await self.transport.send_all([self.conn.send(
+                await self.link.transport.send_all([self.link.conn.send(
                     Log(level="error", msg="internal error, shutting down",
                         attrs={"traceback": text}))])
         finally:
@@ -279,50 +227,38 @@ class Agent:
                 await self._teardown()
         return self.exit_status
 
-    async def _write_loop(self) -> None:
-        try:
-            await self.writer.run()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            self.stop("the controller stopped reading (EPIPE)")
-        finally:
-            self._writer_done.set()
+    # ------------------------------------------------------------------ the link
 
-    async def _read_loop(self) -> None:
-        try:
-            async with contextlib.aclosing(receive_frames(self.transport, self.conn)) as frames:
-                async for event in frames:
-                    if isinstance(event, RemoteProtocolError):
-                        self.send(Error.from_exception(event))
-                        if event.fatal:
-                            # Stopped first, so the log goes to stderr: the error must be
-                            # the last frame (protocol.md section 3).
-                            self.stop(f"protocol error: {event.message}", status=1)
-                            self.log("error", "protocol error, closing", kind=event.kind,
-                                     detail=event.message)
-                            return
-                        self.log("warning", "rejected a frame", kind=event.kind,
-                                 detail=event.message)
-                        continue
-                    self._dispatch(event)
-                    while self.writer.queued_control > _MAX_QUEUED_CONTROL:
-                        await self.writer.wait_written()
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            self.stop(f"reading from the controller failed: {exc}")
-            return
-        if self.conn.shutdown_requested and not self._stop.is_set():
+    def protocol_error(self, error: RemoteProtocolError) -> None:
+        if error.fatal:
+            if self.link.ended is None:
+                self.exit_status = 1
+            # Ended first, so the log goes to stderr: the error must be the last frame
+            # (protocol.md section 3).
+            self.link.end(f"protocol error: {error.message}")
+            self.log("error", "protocol error, closing", kind=error.kind,
+                     detail=error.message)
+        else:
+            self.log("warning", "rejected a frame", kind=error.kind, detail=error.message)
+
+    async def stream_ended(self) -> None:
+        if self.link.conn.shutdown_requested and self.link.ended is None:
             # A half-close: the controller has said all it will and asked for the
             # children to finish (a script that pipes its frames in, as `ssh host cmd`
             # closes stdin). Only losing our output now means losing the controller.
             self.log("debug", "the controller closed its side after shutdown: "
                      "finishing the shutdown")
-            await self.transport.wait_peer_gone()
-            self.stop("the controller closed our output before the shutdown completed")
+            await self.link.transport.wait_peer_gone()
+            self.link.end("the controller closed our output before the shutdown completed")
             return
-        self.stop("the controller closed the connection (EOF)")
+        self.link.end("the controller closed the connection (EOF)")
+
+    def link_ended(self, reason: str) -> None:
+        self._stopped.set()
 
     # ------------------------------------------------------------------ frames
 
-    def _dispatch(self, frame: Frame) -> None:
+    def frame_received(self, frame: Frame) -> None:
         if isinstance(frame, (Data, Eof, Stop)):
             child = self.children[frame.id]
             if child.spawning:
@@ -355,7 +291,7 @@ class Agent:
             assert self._nursery is not None
             self._nursery.start_soon(self._shutdown_when_idle)
         elif isinstance(frame, Ping):
-            self.send(Pong(frame.n))
+            self.link.send(Pong(frame.n))
         elif isinstance(frame, Error):
             self.log("warning", "the controller reported an error", kind=frame.kind,
                      detail=frame.msg)
@@ -374,7 +310,7 @@ class Agent:
         if pump is None:
             # The child never started: discard, but keep the controller's credit flowing.
             if isinstance(frame, Data) and frame.data:
-                self.send(Window(child.id, frame.ch, len(frame.data)))
+                self.link.send(Window(child.id, frame.ch, len(frame.data)))
         elif isinstance(frame, Data):
             pump.feed(frame)
         else:
@@ -385,7 +321,8 @@ class Agent:
             self.policy = self.policy.updated(frame.env_keep, frame.env_remove)
             self.inherited_env = self.policy.filter(os.environb)
         except ValueError as exc:
-            self.send(Error(kind=ErrorKind.BAD_FRAME, msg=f"config frame: {exc}", ref="config"))
+            self.link.send(Error(kind=ErrorKind.BAD_FRAME, msg=f"config frame: {exc}",
+                                 ref="config"))
 
     def _on_exec(self, frame: Exec) -> None:
         child = Child(frame, self.guardian)
@@ -411,16 +348,16 @@ class Agent:
             child.pending_signals.append(frame)
             return
         if child.pid is None or child.status is not None:
-            self.send(Error(
+            self.link.send(Error(
                 kind=ErrorKind.CHILD_EXITED, errno="ESRCH", id=child.id, ref="signal",
                 msg=f"signal frame: child {child.id} has already exited; {frame.sig} not sent",
             ))
             return
         number = signal_number(frame.sig)
         if number is None:
-            self.send(SignalAck(child.id, frame.sig, errno="EINVAL"))
+            self.link.send(SignalAck(child.id, frame.sig, errno="EINVAL"))
             return
-        self.send(SignalAck(child.id, frame.sig, errno=kill_group(child.pid, number)))
+        self.link.send(SignalAck(child.id, frame.sig, errno=kill_group(child.pid, number)))
 
     # ------------------------------------------------------------------ children
 
@@ -448,7 +385,7 @@ class Agent:
                 kill_group(child.pid, signal.SIGKILL)
             child.release()
             child.reap()
-            self.send_after_data(Closed(child.id))
+            self.link.send_after_data(Closed(child.id))
         finally:
             child.release()
             if child.reaped or child.pid is None:
@@ -515,7 +452,7 @@ class Agent:
                 kill_group(outcome.pid, signal.SIGKILL)
             creds = command.credentials  # None: the agent's own, which the child inherits
             uid, gid = (os.geteuid(), os.getegid()) if creds is None else (creds.uid, creds.gid)
-            self.send(Started(child.id, outcome.pid, uid, gid))
+            self.link.send(Started(child.id, outcome.pid, uid, gid))
             self.log("debug", "started", id=child.id, pid=outcome.pid)
         else:
             pipes.close()
@@ -548,17 +485,18 @@ class Agent:
             os.set_blocking(stream.fileno(), False)
         for stream in (pipes.stdin, pipes.stdout, pipes.stderr):
             enlarge_pipe(stream.fileno())
-        child.ins[0] = InPump(self, child, 0, Endpoint(pipes.stdin.fileno(), 1,
+        link, budget = self.link, self.output_budget
+        child.ins[0] = InPump(link, child, 0, Endpoint(pipes.stdin.fileno(), 1,
                                                        pipes.stdin.close))
-        child.outs[1] = OutPump(self, child, 1, Endpoint(pipes.stdout.fileno(), 1,
-                                                         pipes.stdout.close))
-        child.outs[2] = OutPump(self, child, 2, Endpoint(pipes.stderr.fileno(), 1,
-                                                         pipes.stderr.close))
+        child.outs[1] = OutPump(link, budget, child, 1, Endpoint(pipes.stdout.fileno(), 1,
+                                                                 pipes.stdout.close))
+        child.outs[2] = OutPump(link, budget, child, 2, Endpoint(pipes.stderr.fileno(), 1,
+                                                                 pipes.stderr.close))
         for number, sock in pipes.extra.items():
             sock.setblocking(False)
             endpoint = Endpoint(sock.fileno(), 2, sock.close)
-            child.ins[number] = InPump(self, child, number, endpoint)
-            child.outs[number] = OutPump(self, child, number, endpoint)
+            child.ins[number] = InPump(link, child, number, endpoint)
+            child.outs[number] = OutPump(link, budget, child, number, endpoint)
 
     def _report_spawn_error(self, child: Child, exc: OSError | ValueError) -> None:
         """Send spawn-failed: the errno by name and, as msg, why in words that follow the
@@ -575,11 +513,11 @@ class Agent:
     def _spawn_failed(
         self, child: Child, kind: ErrorKind, errno_name: str | None, msg: str, code: int
     ) -> None:
-        self.send(Error(kind=kind, msg=msg, id=child.id, errno=errno_name, ref="exec"))
+        self.link.send(Error(kind=kind, msg=msg, id=child.id, errno=errno_name, ref="exec"))
         self.log("debug", "spawn failed", id=child.id, detail=msg)
         child.status = ExitStatus(code, None, False, code)
         child.exited.set()
-        self.send(Exit(child.id, code))
+        self.link.send(Exit(child.id, code))
         child.exit_sent.set()
         child.pump_finished()
 
@@ -598,7 +536,7 @@ class Agent:
             for pump, target in targets:
                 await pump.drain(target)
         child.drain_scope = None
-        self.send(Exit(child.id, status.code, status.sig, status.core))
+        self.link.send(Exit(child.id, status.code, status.sig, status.core))
         child.exit_sent.set()
         child.pump_finished()
 
@@ -619,8 +557,8 @@ class Agent:
             else:
                 await child.finished.wait()
         await self._kill_leftovers(self.children.values())
-        self.send_after_data(Goodbye())
-        self.stop("shutdown complete")
+        self.link.send_after_data(Goodbye())
+        self.link.end("shutdown complete")
 
     async def _reap_orphans_loop(self) -> None:
         with trio.open_signal_receiver(signal.SIGCHLD) as batches:

@@ -13,10 +13,10 @@ from collections.abc import Sequence
 import trio
 
 import childproc
+from link import FdTransport, __version__, enlarge_pipe, fill_standard_fds
 
-from . import __version__, _cgroup, _orphans, serve
+from . import _cgroup, _orphans, serve
 from ._guardian import Guardian, start_guardian
-from .transport import FdTransport, enlarge_pipe
 
 __all__ = ["main"]
 
@@ -115,7 +115,7 @@ async def _serve_until_signalled(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    childproc.fill_standard_fds()
+    fill_standard_fds()
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), stream=sys.stderr,

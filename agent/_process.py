@@ -16,11 +16,11 @@ import trio
 
 __all__ = [
     "ExitStatus",
+    "exit_signal_name",
     "kill_group",
     "open_pidfd",
     "peek_exit",
     "reap",
-    "signal_name",
     "signal_number",
     "wait_for_exit",
 ]
@@ -39,7 +39,10 @@ def signal_number(name: str) -> int | None:
     return int(value) if isinstance(value, signal.Signals) else None
 
 
-def signal_name(number: int) -> str:
+def exit_signal_name(number: int) -> str:
+    """The name an exit frame gives this system's signal ``number``: without SIG ("TERM";
+    "RTMIN" for Linux's 34, outside the protocol's list of signals it may send), or the
+    number as text when the system has no name for it. Never fails."""
     try:
         return signal.Signals(number).name.removeprefix("SIG")
     except ValueError:
@@ -54,7 +57,7 @@ def peek_exit(pid: int) -> ExitStatus | None:
     if result.si_code == os.CLD_EXITED:
         return ExitStatus(result.si_status, None, False, result.si_status)
     sig = result.si_status
-    return ExitStatus(128 + sig, signal_name(sig), result.si_code == os.CLD_DUMPED, -sig)
+    return ExitStatus(128 + sig, exit_signal_name(sig), result.si_code == os.CLD_DUMPED, -sig)
 
 
 async def wait_for_exit(pid: int, pidfd: int | None) -> ExitStatus:

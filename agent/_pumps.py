@@ -1,4 +1,4 @@
-"""Per-channel pumps between a child's pipes/sockets and the frame writer."""
+"""Per-channel pumps between a child's pipes/sockets and the controller's link."""
 
 from __future__ import annotations
 
@@ -12,16 +12,18 @@ import socket
 import termios
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final
+from typing import Final, Protocol
 
 import trio
 
+from link import Link
 from protocol import Data, Eof, Error, ErrorKind
 
-if TYPE_CHECKING:
-    from ._agent import Agent, Child
+__all__ = ["OUTPUT_BUDGET", "ByteBudget", "Endpoint", "InPump", "OutPump", "PumpOwner",
+           "fionread"]
 
-__all__ = ["InPump", "OutPump", "fionread"]
+#: Bytes of child output the agent may hold (read but not yet written) across all children.
+OUTPUT_BUDGET: Final = 4 << 20
 
 #: Largest read from a child's pipe: one data frame.
 READ_CHUNK: Final = 1 << 18
@@ -34,6 +36,42 @@ _MAX_IN_FLIGHT: Final = 2
 # 1 MiB 0.41-0.45 + 0.6-0.7 s / 2.7 ms (the pipes hold 1 MiB: larger gains nothing).
 _SPLICE_MIN: Final = 1 << 16
 _SPLICE_CHUNK: Final = 1 << 20
+
+
+class ByteBudget:
+    """A semaphore counted in bytes; a request larger than the limit waits for zero."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self.used = 0
+        self._lot = trio.lowlevel.ParkingLot()
+
+    async def acquire(self, size: int) -> None:
+        while self.used and self.used + size > self._limit:
+            await self._lot.park()
+        self.used += size
+
+    def release(self, size: int) -> None:
+        if size:
+            self.used -= size
+            if self._lot:  # unpark_all costs even when nobody is parked
+                self._lot.unpark_all()
+
+
+class PumpOwner(Protocol):
+    """What a pump needs of the child it serves."""
+
+    @property
+    def id(self) -> int: ...
+
+    @property
+    def credit_lot(self) -> trio.lowlevel.ParkingLot:
+        """Unparked when the controller grants credit for any of the child's channels."""
+        ...
+
+    def pump_finished(self) -> None:
+        """An output pump has finished (sent its eof, or given up)."""
+        ...
 
 
 def fionread(fd: int) -> int:
@@ -108,8 +146,10 @@ class OutPump:
     when the controller sends ``stop`` (:meth:`stop`).
     """
 
-    def __init__(self, agent: Agent, child: Child, ch: int, endpoint: Endpoint) -> None:
-        self._agent = agent
+    def __init__(self, link: Link, budget: ByteBudget, child: PumpOwner, ch: int,
+                 endpoint: Endpoint) -> None:
+        self._link = link
+        self._budget = budget
         self._child = child
         self.ch = ch
         self.endpoint = endpoint
@@ -124,7 +164,7 @@ class OutPump:
         # Bulk output of a pipe is spliced to the controller (Linux): the kernel moves the
         # pages, the agent never copies them. At most one splice at a time: its bytes are
         # still in the pipe, so nothing else may read the pipe until it is done.
-        self._can_splice = agent.transport.can_splice and ch in (1, 2)
+        self._can_splice = link.transport.can_splice and ch in (1, 2)
         self._splicing = 0
         # Whether the last read found bulk output: then look (FIONREAD) for more to
         # splice and read with a large buffer; not while reads find only small output,
@@ -141,8 +181,7 @@ class OutPump:
             with self._scope:
                 ended = await self._pump()
             if ended or self.stopped:
-                self._agent.writer.send_data(
-                    self._agent.conn.send(Eof(self._child.id, self.ch)))
+                self._link.writer.send_data(self._link.conn.send(Eof(self._child.id, self.ch)))
         except trio.ClosedResourceError:
             pass  # the child was released while we waited
         finally:
@@ -168,7 +207,7 @@ class OutPump:
         """Move the child's output until its end closes (True); False when the child
         was closed or the channel stopped. A stop may come while this task is being
         woken (too late to cancel that wait): it is checked after each wait."""
-        agent, child, conn = self._agent, self._child, self._agent.conn
+        link, budget, child, conn = self._link, self._budget, self._child, self._link.conn
         fd = self.endpoint.fd
         while not self.stopped:
             credit = conn.send_credit(child.id, self.ch)
@@ -194,9 +233,9 @@ class OutPump:
                 continue
             size = min(credit, READ_CHUNK if self._bulk else _SMALL_READ,
                        conn.max_data_payload)
-            await agent.output_budget.acquire(size)
+            await budget.acquire(size)
             if self.stopped:
-                agent.output_budget.release(size)
+                budget.release(size)
                 break
             try:
                 data = os.read(fd, size) if self._bulk else _read_small(fd, size)
@@ -204,10 +243,10 @@ class OutPump:
                 data = None
             except OSError as exc:  # ECONNRESET on a socket: its end is gone
                 if exc.errno not in (errno.ECONNRESET, errno.EIO):
-                    agent.output_budget.release(size)
+                    budget.release(size)
                     raise
                 data = b""
-            agent.output_budget.release(size - len(data or b""))
+            budget.release(size - len(data or b""))
             if data is None:
                 continue
             if not data:
@@ -216,16 +255,16 @@ class OutPump:
             self.read_total += len(data)
             header = conn.send_data(child.id, self.ch, data)
             if not header:  # the controller closed the child meanwhile
-                agent.output_budget.release(len(data))
+                budget.release(len(data))
                 self.dropped = True
                 return False
             self._in_flight += 1
-            agent.writer.send_data(header, data, on_written=self._written_cb(len(data)))
+            link.writer.send_data(header, data, on_written=self._written_cb(len(data)))
         return False
 
     def _splice(self, credit: int) -> bool:
         """Queue a splice of what the pipe holds, if that is bulk; False to read instead."""
-        conn, child = self._agent.conn, self._child
+        conn, child = self._link.conn, self._child
         waiting = fionread(self.endpoint.fd)
         if waiting < _SPLICE_MIN:
             return False  # small output (or eof): a read is cheaper and sees eof
@@ -236,7 +275,7 @@ class OutPump:
             raise trio.ClosedResourceError("the child was closed")
         self.read_total += size
         self._splicing = size
-        self._agent.writer.send_splice(header, self.endpoint.fd, size, self._moved)
+        self._link.writer.send_splice(header, self.endpoint.fd, size, self._moved)
         return True
 
     def _moved(self, size: int) -> None:
@@ -279,7 +318,7 @@ class OutPump:
         def written() -> None:
             self._in_flight -= 1
             self.written_total += size
-            self._agent.output_budget.release(size)
+            self._budget.release(size)
             if self._progress:  # unpark_all costs even when nobody is parked
                 self._progress.unpark_all()
         return written
@@ -315,8 +354,8 @@ class InPump:
     controller is told rather than blocked.
     """
 
-    def __init__(self, agent: Agent, child: Child, ch: int, endpoint: Endpoint) -> None:
-        self._agent = agent
+    def __init__(self, link: Link, child: PumpOwner, ch: int, endpoint: Endpoint) -> None:
+        self._link = link
         self._child = child
         self.ch = ch
         self.endpoint = endpoint
@@ -345,8 +384,7 @@ class InPump:
 
     def _grant(self, size: int) -> None:
         # Once broken, everything is discarded: its credit goes back at once.
-        self._agent.writer.send_control(
-            self._agent.conn.consumed(self._child.id, self.ch, size, now=self._broken))
+        self._link.return_credit(self._child.id, self.ch, size, now=self._broken)
 
     async def run(self) -> None:
         try:
@@ -395,7 +433,7 @@ class InPump:
         pending = sum(len(c) for c in self._chunks)
         self._chunks.clear()
         name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
-        self._agent.send(
+        self._link.send(
             Error(
                 kind=ErrorKind.WRITE_FAILED,
                 msg=f"writing channel {self.ch} of child {self._child.id}: {exc.strerror}; "

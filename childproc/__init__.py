@@ -63,7 +63,7 @@ raises NotImplementedError.
 from ._build import Command, Pipes, build, close_child_side, exit_code
 from ._creds import Credentials
 from ._errors import CredentialError, SpawnError
-from ._limits import fill_standard_fds, mark_inherited_fds_cloexec, raise_fd_limit
+from ._limits import mark_inherited_fds_cloexec, raise_fd_limit
 from ._spec import Spec
 
 __all__ = [
@@ -76,7 +76,6 @@ __all__ = [
     "build",
     "close_child_side",
     "exit_code",
-    "fill_standard_fds",
     "mark_inherited_fds_cloexec",
     "raise_fd_limit",
 ]

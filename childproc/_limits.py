@@ -43,26 +43,6 @@ def child_fd_limit() -> tuple[int, int] | None:
     return _original[0] if _original else None
 
 
-def fill_standard_fds() -> list[int]:
-    """Open /dev/null on each of fds 0, 1 and 2 that is closed; return those fds.
-
-    A program started with a standard fd closed would otherwise get its next file, pipe or
-    socket at that number, and reading "stdin" would read that instead. Call it first thing
-    in ``main``, before anything opens an fd.
-    """
-    filled = []
-    for fd in (0, 1, 2):
-        try:
-            os.fstat(fd)
-        except OSError:
-            null = os.open(os.devnull, os.O_RDWR)
-            if null != fd:  # the lowest free number is fd itself unless a lower one is free
-                os.dup2(null, fd)
-                os.close(null)
-            filled.append(fd)
-    return filled
-
-
 def mark_inherited_fds_cloexec(start: int = 3) -> list[int]:
     """Set close-on-exec on every open fd >= start; return the fds that lacked it.
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import itertools
 import logging
@@ -16,9 +15,7 @@ from typing import Final, Protocol
 
 import trio
 
-from agent import __version__
-from agent.transport import FdTransport, StreamTransport, Transport, enlarge_pipe
-from agent.wire import FrameWriter, receive_frames
+from link import FdTransport, Link, StreamTransport, Transport, __version__, enlarge_pipe
 from protocol import (
     DEFAULT_MAX_FRAME,
     Closed,
@@ -45,7 +42,7 @@ from protocol import (
     Window,
 )
 
-from ._errors import AgentClosed, AgentLost, RemoteError, collapse_group
+from ._errors import AgentClosed, AgentLost, RemoteError, collapse_group, raise_if_lost
 from ._process import _KILL_WAIT, RemoteProcess
 
 __all__ = ["Agent", "connect", "open_agent"]
@@ -81,15 +78,16 @@ _MAX_FD: Final = 2**31 - 1
 class Agent:
     """A connected agent. Obtain one from :func:`open_agent` or :func:`connect`."""
 
+    # The receiver of its link: frames about a process go to that process's _receive.
+
     def __init__(
         self, transport: Transport, *, window: int, max_frame: int, shutdown_timeout: float
     ) -> None:
-        self.conn = Connection(
+        conn = Connection(
             Role.CONTROLLER, max_frame_size=max_frame, window=window,
             impl="mproxy-controller", impl_version=__version__, zero_copy=True,
         )
-        self.transport = transport
-        self.writer = FrameWriter(transport)
+        self._link = Link(conn, transport, self)
         self.processes: dict[int, RemoteProcess] = {}
         self.lost: AgentLost | None = None
         #: pid of the local agent (or ssh) process started by open_agent, else None.
@@ -104,6 +102,11 @@ class Agent:
         self._received_since_check = 0
 
     @property
+    def conn(self) -> Connection:
+        """The protocol connection (its state: credit, bytes sent and received, ...)."""
+        return self._link.conn
+
+    @property
     def info(self) -> Hello:
         """The agent's hello: its implementation, version, limits and capabilities."""
         assert self.conn.their_hello is not None
@@ -113,11 +116,10 @@ class Agent:
 
     def send(self, frame: Frame) -> None:
         self.raise_if_lost()
-        self.writer.send_control(self.conn.send(frame))
+        self._link.send(frame)
 
     def raise_if_lost(self) -> None:
-        if self.lost is not None:
-            raise AgentLost(str(self.lost)) from self.lost
+        raise_if_lost(self._link)
 
     def _check_open(self) -> None:
         """Refuse a new request: AgentClosed once the agent was closed by us (its block
@@ -129,15 +131,15 @@ class Agent:
             )
         self.raise_if_lost()
 
-    def _lose(self, reason: str) -> None:
-        if self.lost is None:
-            self.lost = AgentLost(reason)
-            self._hello.set()
-            self._goodbye.set()
-            for event in self._pings.values():
-                event.set()
-            for process in self.processes.values():
-                process._on_lost()
+    def link_ended(self, reason: str) -> None:
+        """The agent is lost: every pending call wakes up and raises AgentLost."""
+        self.lost = AgentLost(reason)
+        self._hello.set()
+        self._goodbye.set()
+        for event in self._pings.values():
+            event.set()
+        for process in self.processes.values():
+            process._lost()
 
     def _limit_pinned(self) -> None:
         """Bound the memory that buffered output keeps alive. Each buffered payload is a
@@ -153,54 +155,33 @@ class Agent:
             for each in incoming:
                 each.copy_out()
 
-    async def _write_loop(self) -> None:
-        try:
-            await self.writer.run()
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            self._lose(f"writing to the agent failed: {exc}")
+    def protocol_error(self, error: RemoteProtocolError) -> None:
+        if error.fatal:  # the AgentLost that follows says it
+            self._link.end(f"the agent broke the protocol: {error.message}")
+        else:
+            agent_logger.error("protocol error from the agent: %s", error.message)
 
-    async def _read_loop(self) -> None:
-        try:
-            async with contextlib.aclosing(receive_frames(self.transport, self.conn)) as frames:
-                async for event in frames:
-                    if isinstance(event, RemoteProtocolError):
-                        self.writer.send_control(self.conn.send(Error.from_exception(event)))
-                        if event.fatal:  # the AgentLost that follows says it
-                            self._lose(f"the agent broke the protocol: {event.message}")
-                            return
-                        agent_logger.error("protocol error from the agent: %s", event.message)
-                        continue
-                    self._dispatch(event)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            self._lose(f"reading from the agent failed: {exc}")
-            return
+    async def stream_ended(self) -> None:
         if not self._goodbye.is_set():
-            self._lose("the agent closed the connection without goodbye")
+            self._link.end("the agent closed the connection without goodbye")
 
-    def _dispatch(self, frame: Frame) -> None:
+    def frame_received(self, frame: Frame) -> None:
         if isinstance(frame, Data):
-            self.processes[frame.id]._on_data(frame.ch, frame.data)
+            self.processes[frame.id]._receive(frame)
             self._received_since_check += len(frame.data)
             if self._received_since_check >= _PIN_CHECK_EVERY:
                 self._limit_pinned()
-        elif isinstance(frame, Window):
-            lot = self.processes[frame.id].credit_lot
-            if lot:  # unpark_all costs even when nobody is parked
-                lot.unpark_all()
-        elif isinstance(frame, Eof):
-            self.processes[frame.id]._on_eof(frame.ch)
-        elif isinstance(frame, Started):
-            self.processes[frame.id]._on_started(frame.pid, frame.uid, frame.gid)
-        elif isinstance(frame, Exit):
-            self.processes[frame.id]._on_exit(frame.code, frame.sig, frame.core)
-        elif isinstance(frame, SignalAck):
-            process = self.processes[frame.id]
-            if process._signal_waiters:
-                process._signal_done(frame.errno)
+        elif isinstance(frame, (Window, Eof, Started, Exit, SignalAck)):
+            self.processes[frame.id]._receive(frame)
         elif isinstance(frame, Closed):
-            self.processes.pop(frame.id)._on_closed()
+            self.processes.pop(frame.id)._receive(frame)
         elif isinstance(frame, Error):
-            self._on_error(frame)
+            process = self.processes.get(frame.id) if frame.id is not None else None
+            if process is None:
+                agent_logger.error("agent error: %s", RemoteError(frame.kind, frame.msg,
+                                                                  frame.errno))
+            else:
+                process._receive(frame)
         elif isinstance(frame, Log):
             agent_logger.log(_LOG_LEVELS.get(frame.level, logging.INFO), "%s%s", frame.msg,
                              "".join(f" {k}={v}" for k, v in frame.attrs.items()),
@@ -215,14 +196,6 @@ class Agent:
                 event.set()
         elif isinstance(frame, Goodbye):
             self._goodbye.set()
-
-    def _on_error(self, frame: Error) -> None:
-        error = RemoteError(frame.kind, frame.msg, frame.errno)
-        process = self.processes.get(frame.id) if frame.id is not None else None
-        if process is None:
-            agent_logger.error("agent error: %s", error)
-            return
-        process._on_error(error, frame.ref, frame.ch)
 
     # ------------------------------------------------------------------ API
 
@@ -271,7 +244,7 @@ class Agent:
             drop_sudo=drop_sudo_credentials,
         )
         try:
-            data = self.conn.send(frame)
+            data = self._link.conn.send(frame)
         except LocalProtocolError as exc:
             if exc.kind != ErrorKind.FRAME_TOO_LARGE:
                 raise  # every other rule is checked above: a bug of ours
@@ -280,15 +253,15 @@ class Agent:
                           ) from None
         id = self._next_id
         self._next_id += 1
-        process = RemoteProcess(self, id, list(argv), fds,  # type: ignore[arg-type]
+        process = RemoteProcess(self._link, id, list(argv), fds,  # type: ignore[arg-type]
                                 argv[0] if path is None else path)
         self.processes[id] = process
         if stdin_eof:
             # exec and the stdin eof in one write: one wakeup of the agent, not two.
             process._stdin.eof_sent = True
-            self.writer.send_data(data, self.conn.send(Eof(id, 0)))
+            self._link.writer.send_data(data, self._link.conn.send(Eof(id, 0)))
         else:
-            self.writer.send_control(data)
+            self._link.writer.send_control(data)
         return process
 
     async def open_process(
@@ -483,14 +456,15 @@ class Agent:
         with trio.move_on_at(deadline + _KILL_WAIT):
             await self._goodbye.wait()
         if not self._goodbye.is_set():
-            self._lose(f"the agent sent no goodbye within {self._shutdown_timeout + _KILL_WAIT} s")
+            self._link.end(
+                f"the agent sent no goodbye within {self._shutdown_timeout + _KILL_WAIT} s")
         self.raise_if_lost()
 
     def _abort(self) -> None:
         """Stop everything at once: the agent sees the stream end and kills every child."""
         if self.lost is None:  # else the loss stays the reason later calls fail
             self._closed = True
-        self._lose("the controller left")
+        self._link.end("the controller left")
 
 
 async def _finish(process: RemoteProcess, deadline: float) -> None:
@@ -652,14 +626,12 @@ async def _serve_in_nursery(
     agent = Agent(transport, window=window, max_frame=max_frame,
                   shutdown_timeout=shutdown_timeout)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(agent._write_loop)
-        nursery.start_soon(agent._read_loop)
-        agent.writer.send_control(agent.conn.initiate())
+        nursery.start_soon(agent._link.run)
         try:
             with trio.move_on_after(handshake_timeout):
                 await agent._hello.wait()
             if not agent._hello.is_set():
-                agent._lose(f"the agent sent no hello within {handshake_timeout} s")
+                agent._link.end(f"the agent sent no hello within {handshake_timeout} s")
             agent.raise_if_lost()
             yield agent
             await agent.aclose()
@@ -683,7 +655,7 @@ async def connect(
     shutdown_timeout: float = 30.0,
 ) -> AsyncIterator[Agent]:
     """Speak to an agent over already-open streams (a bidirectional trio stream, a
-    send/receive pair, or a :class:`~agent.transport.Transport`).
+    send/receive pair, or a :class:`~link.Transport`).
 
     Performs the handshake and yields the :class:`Agent`. No hello within
     ``handshake_timeout`` seconds raises :class:`AgentLost`.

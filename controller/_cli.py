@@ -26,8 +26,7 @@ from typing import Final
 
 import trio
 
-import childproc
-from agent import __version__
+from link import __version__, fill_standard_fds
 from protocol import CAP_STOP, DEFAULT_ENV_KEEP, DEFAULT_ENV_REMOVE
 
 from . import (
@@ -553,7 +552,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     :meth:`_Signals.fatal`). Meant to be the process's main: on return it has set the
     forwarded signals to be ignored, so that none turns the status it returns into
     128+N while the process exits."""
-    childproc.fill_standard_fds()  # a closed stdin reads as empty, not as trio's own fd
+    fill_standard_fds()  # a closed stdin reads as empty, not as trio's own fd
     try:
         args = _parser().parse_args(argv)
         args.program = _program(args)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import trio
 
-__all__ = ["AgentClosed", "AgentError", "AgentLost", "RemoteError", "collapse_group"]
+from link import Link
+
+__all__ = ["AgentClosed", "AgentError", "AgentLost", "RemoteError", "collapse_group",
+           "raise_if_lost"]
 
 
 class AgentError(Exception):
@@ -15,6 +18,13 @@ class AgentLost(AgentError, trio.BrokenResourceError):
     """The agent went away (its process died, the ssh link dropped, it broke the
     protocol) before answering. Raised from every pending and later call: a lost exit
     status is never reported as a number."""
+
+
+def raise_if_lost(link: Link) -> None:
+    """Raise :class:`AgentLost`, saying why, once the link to the agent has ended (a
+    controller's link ends only when its agent is lost)."""
+    if link.ended is not None:
+        raise AgentLost(link.ended)
 
 
 class AgentClosed(AgentError, trio.ClosedResourceError):

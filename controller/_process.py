@@ -8,13 +8,27 @@ import signal as signal_module
 from collections import deque
 from collections.abc import Awaitable, Generator
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
-from protocol import SIGNAL_NAMES, Close, Signal
+from link import Link
+from protocol import (
+    SIGNAL_NAMES,
+    Close,
+    Closed,
+    Data,
+    Eof,
+    Error,
+    Exit,
+    Frame,
+    Signal,
+    SignalAck,
+    Started,
+    Window,
+)
 
-from ._errors import RemoteError
+from ._errors import RemoteError, raise_if_lost
 from ._streams import (
     RemoteFdStream,
     RemoteReceiveStream,
@@ -23,16 +37,13 @@ from ._streams import (
     _Outgoing,
 )
 
-if TYPE_CHECKING:
-    from ._agent import Agent
-
-__all__ = ["RemoteProcess", "signal_name"]
+__all__ = ["RemoteProcess", "wire_signal_name"]
 
 #: How long leaving a RemoteProcess block waits for the killed child's exit frame.
 _KILL_WAIT = 10.0
 
 
-def signal_name(sig: signal_module.Signals | int | str) -> str:
+def wire_signal_name(sig: signal_module.Signals | int | str) -> str:
     """The wire name of a signal: "TERM" for signal.SIGTERM, 15, "SIGTERM" or "term".
 
     Raises ValueError for a signal the protocol cannot carry (an unknown name or number,
@@ -88,7 +99,7 @@ class _SignalDelivery:
             self._awaited = False  # a failure still to come is wait()'s to raise
             raise
         if not self._answered:
-            self._process._agent.raise_if_lost()
+            raise_if_lost(self._process._link)
         self._process._claim(self)
         if self.error is not None:
             raise self.error
@@ -107,10 +118,10 @@ class RemoteProcess:
     """
 
     def __init__(
-        self, agent: Agent, id: int, args: list[bytes | str], fds: tuple[int, ...],
+        self, link: Link, id: int, args: list[bytes | str], fds: tuple[int, ...],
         program: str | bytes | os.PathLike[str],
     ) -> None:
-        self._agent = agent
+        self._link = link
         self.id = id
         self.args = args
         self._pid: int | None = None  # None until started (see wait_started)
@@ -131,11 +142,11 @@ class RemoteProcess:
         self._wait_lot = trio.lowlevel.ParkingLot()  # wait(): an exit, a failed delivery
         self._signal_waiters: deque[_SignalDelivery] = deque()  # sent, not yet answered
         self._undelivered: deque[_SignalDelivery] = deque()  # failed, nobody awaited them
-        self._stdin = _Outgoing(agent, self, 0)
-        self._outputs = {1: _Incoming(agent, self, 1), 2: _Incoming(agent, self, 2)}
-        self._fd_out = {n: _Outgoing(agent, self, n) for n in fds}
+        self._stdin = _Outgoing(link, self, 0)
+        self._outputs = {1: _Incoming(link, self, 1), 2: _Incoming(link, self, 2)}
+        self._fd_out = {n: _Outgoing(link, self, n) for n in fds}
         for n in fds:
-            self._outputs[n] = _Incoming(agent, self, n)
+            self._outputs[n] = _Incoming(link, self, n)
         self.stdin = RemoteSendStream(self._stdin)
         self.stdout = RemoteReceiveStream(self._outputs[1])
         self.stderr = RemoteReceiveStream(self._outputs[2])
@@ -158,30 +169,43 @@ class RemoteProcess:
 
     # ------------------------------------------------------------------ frames in
 
-    def _on_started(self, pid: int, uid: int | None, gid: int | None) -> None:
-        self._pid = pid
-        self.uid = uid
-        self.gid = gid
-        self._started.set()
+    def _receive(self, frame: Frame) -> None:
+        """A frame from the agent about this process: its one way in."""
+        if isinstance(frame, Data):
+            self._outputs[frame.ch].feed(frame.data)
+        elif isinstance(frame, Window):
+            if self.credit_lot:  # unpark_all costs even when nobody is parked
+                self.credit_lot.unpark_all()
+        elif isinstance(frame, Eof):
+            self._outputs[frame.ch].feed_eof()
+        elif isinstance(frame, Started):
+            self._pid = frame.pid
+            self.uid = frame.uid
+            self.gid = frame.gid
+            self._started.set()
+        elif isinstance(frame, Exit):
+            self._exit(frame)
+        elif isinstance(frame, SignalAck):
+            if self._signal_waiters:
+                self._signal_done(frame.errno)
+        elif isinstance(frame, Closed):
+            self._released.set()
+        elif isinstance(frame, Error):
+            self._error(frame)
 
-    def _on_exit(self, code: int, sig: str | None, core: bool) -> None:
-        self.exit_code = code
-        self.signal = sig
-        self.core_dumped = core
-        number = getattr(signal_module, f"SIG{sig}", None) if sig else None
-        self.returncode = -int(number) if number is not None else code
+    def _exit(self, frame: Exit) -> None:
+        self.exit_code = frame.code
+        self.signal = frame.sig
+        self.core_dumped = frame.core
+        number = getattr(signal_module, f"SIG{frame.sig}", None) if frame.sig else None
+        self.returncode = -int(number) if number is not None else frame.code
         self._exited.set()
         self._started.set()
         self._wait_lot.unpark_all()
 
-    def _on_data(self, ch: int, data: bytes | memoryview) -> None:
-        self._outputs[ch].feed(data)
-
-    def _on_eof(self, ch: int) -> None:
-        self._outputs[ch].feed_eof()
-
-    def _on_error(self, error: RemoteError, ref: str | None, channel: int | None) -> None:
-        if ref == "exec":
+    def _error(self, frame: Error) -> None:
+        error = RemoteError(frame.kind, frame.msg, frame.errno)
+        if frame.ref == "exec":
             number = getattr(errno_module, error.errno or "", None)
             # The agent's msg says why, to be read after the program's name: OSError's
             # "[Errno 2] No such file or directory (searched $PATH): 'prog'".
@@ -189,12 +213,12 @@ class RemoteProcess:
                 OSError(number, error.message, self._program) if number else error
             )
             self._started.set()
-        elif ref == "signal" and self._signal_waiters:
+        elif frame.ref == "signal" and self._signal_waiters:
             self._signal_done(error.errno or "ESRCH")
-        elif ref == "data" and error.kind == "write-failed":
+        elif frame.ref == "data" and error.kind == "write-failed":
             outgoing = {0: self._stdin, **self._fd_out}
             # Only that channel: the child may still read the others.
-            for ch in outgoing if channel is None else [channel]:
+            for ch in outgoing if frame.ch is None else [frame.ch]:
                 if ch in outgoing:
                     outgoing[ch].broken = f"the child no longer reads this stream: {error}"
             self.credit_lot.unpark_all()
@@ -213,10 +237,8 @@ class RemoteProcess:
         if delivery in self._undelivered:
             self._undelivered.remove(delivery)
 
-    def _on_closed(self) -> None:
-        self._released.set()
-
-    def _on_lost(self) -> None:
+    def _lost(self) -> None:
+        """The agent is lost: wake every task waiting on this process."""
         for event in (self._started, self._exited, self._released,
                       *(delivery._done for delivery in self._signal_waiters)):
             event.set()
@@ -242,7 +264,7 @@ class RemoteProcess:
         await self._started.wait()
         if self.spawn_error is not None:
             raise self.spawn_error
-        self._agent.raise_if_lost()
+        raise_if_lost(self._link)
 
     async def wait(self) -> int:
         """Wait for the child to exit; return ``returncode``. Raises AgentLost if the
@@ -259,7 +281,7 @@ class RemoteProcess:
         to discard what comes, before waiting."""
         await trio.lowlevel.checkpoint()
         while self.returncode is None and not self._undelivered:
-            self._agent.raise_if_lost()
+            raise_if_lost(self._link)
             await self._wait_lot.park()
         if self._undelivered:
             error = self._undelivered.popleft().error
@@ -283,13 +305,14 @@ class RemoteProcess:
         protocol cannot carry, TypeError for a float or a bool, AgentLost if the agent
         is lost."""
         is_zero = isinstance(sig, int) and not isinstance(sig, bool) and sig == 0
-        name = "0" if is_zero else signal_name(sig)
+        name = "0" if is_zero else wire_signal_name(sig)
         delivery = _SignalDelivery(self, name)
         if is_zero or self.returncode is not None or self.closed:
             delivery._answer(None)
             return delivery
         # Queued only once the frame is sent: answers are matched to deliveries in order.
-        self._agent.send(Signal(self.id, name))
+        raise_if_lost(self._link)
+        self._link.send(Signal(self.id, name))
         self._signal_waiters.append(delivery)
         return delivery
 
@@ -312,7 +335,7 @@ class RemoteProcess:
         Safe to call more than once; runs to completion even when cancelled (bounded by
         a few seconds when the agent does not answer)."""
         with trio.CancelScope(shield=True), trio.move_on_after(_KILL_WAIT):
-            if not self.closed and not self._agent.lost:
+            if not self.closed and self._link.ended is None:
                 self._close_streams()
                 if self.returncode is None and self._pid is not None:
                     self.kill()
@@ -325,11 +348,11 @@ class RemoteProcess:
         group, reaps the child and frees its id before it reads any later frame. Does not
         wait for the agent's closed."""
         self._close_streams()
-        if not self.closed and not self._agent.lost:
+        if not self.closed and self._link.ended is None:
             # The close overtakes queued input (a control frame), which the agent would
             # then refuse: that input is for a child being closed, so it never goes.
-            self._agent.writer.drop_queued(self.id)
-            self._agent.send(Close(self.id))
+            self._link.writer.drop_queued(self.id)
+            self._link.send(Close(self.id))
         self.closed = True
 
     def _close_streams(self) -> None:

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Protocol
 
 import trio
 
+from link import Link
 from protocol import CAP_STOP, Eof, Stop
+
+from ._errors import raise_if_lost
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
-
-    from ._agent import Agent
-    from ._process import RemoteProcess
 
 __all__ = ["RemoteFdStream", "RemoteReceiveStream", "RemoteSendStream"]
 
@@ -24,11 +24,29 @@ __all__ = ["RemoteFdStream", "RemoteReceiveStream", "RemoteSendStream"]
 DEFAULT_RECEIVE_SIZE: Final = 1 << 17
 
 
+class _Process(Protocol):
+    """What a stream needs of its process."""
+
+    @property
+    def id(self) -> int: ...
+
+    @property
+    def closed(self) -> bool:
+        """Close sent: nothing more flows either way."""
+        ...
+
+    @property
+    def credit_lot(self) -> trio.lowlevel.ParkingLot:
+        """Unparked when the agent grants credit for any of the process's channels (and
+        when a wait for it must end: the stream closed, the agent lost)."""
+        ...
+
+
 class _Outgoing:
     """Controller → child on one channel: chunks data by credit and frame size."""
 
-    def __init__(self, agent: Agent, process: RemoteProcess, ch: int) -> None:
-        self._agent = agent
+    def __init__(self, link: Link, process: _Process, ch: int) -> None:
+        self._link = link
         self._process = process
         self._ch = ch
         self._busy = False
@@ -47,10 +65,10 @@ class _Outgoing:
                 if not view:
                     break
                 credit = await self._wait_credit()
-                size = min(credit, len(view), self._agent.conn.max_data_payload)
+                size = min(credit, len(view), self._link.conn.max_data_payload)
                 chunk = view[:size]
-                header = self._agent.conn.send_data(self._process.id, self._ch, chunk)
-                self._agent.writer.send_data(header, chunk, owner=self._process.id)
+                header = self._link.conn.send_data(self._process.id, self._ch, chunk)
+                self._link.writer.send_data(header, chunk, owner=self._process.id)
                 view = view[size:]
             await trio.lowlevel.cancel_shielded_checkpoint()
         finally:
@@ -59,13 +77,13 @@ class _Outgoing:
     async def _wait_credit(self) -> int:
         while True:
             self._check_open()
-            credit = self._agent.conn.send_credit(self._process.id, self._ch)
+            credit = self._link.conn.send_credit(self._process.id, self._ch)
             if credit:
                 return credit
             await self._process.credit_lot.park()
 
     def _check_open(self) -> None:
-        self._agent.raise_if_lost()
+        raise_if_lost(self._link)
         if self.eof_sent or self._process.closed:
             raise trio.ClosedResourceError("the stream was closed")
         if self.broken is not None:
@@ -77,11 +95,11 @@ class _Outgoing:
     def send_eof(self) -> None:
         """End the channel; a send of another task waiting for credit raises
         ClosedResourceError at once (as would every later one)."""
-        if not self.eof_sent and not self._process.closed and not self._agent.lost:
+        if not self.eof_sent and not self._process.closed and self._link.ended is None:
             self.eof_sent = True
             # Through the data queue: the eof must not overtake the data before it.
-            self._agent.writer.send_data(self._agent.conn.send(Eof(self._process.id, self._ch)),
-                                         owner=self._process.id)
+            self._link.writer.send_data(self._link.conn.send(Eof(self._process.id, self._ch)),
+                                        owner=self._process.id)
         self.eof_sent = True
         self._process.credit_lot.unpark_all()
 
@@ -94,8 +112,8 @@ class _Incoming:
     lives in a few reused buffers instead of fresh allocations that the allocator hands
     back to the OS and faults in again (measured: ~100,000 page faults per GiB)."""
 
-    def __init__(self, agent: Agent, process: RemoteProcess, ch: int) -> None:
-        self._agent = agent
+    def __init__(self, link: Link, process: _Process, ch: int) -> None:
+        self._link = link
         self._process = process
         self._ch = ch
         self._chunks: deque[bytes | memoryview] = deque()
@@ -146,9 +164,11 @@ class _Incoming:
         channel (when it can), so that the child's writes fail with EPIPE as they would
         with its reader gone locally, instead of going on into the void. An agent
         without the ``stop`` capability keeps sending: what comes is discarded."""
+        # (The link drops it once the agent is lost.)
+        hello = self._link.conn.their_hello
         if (not self.closed and not self.eof and not self._process.closed
-                and not self._agent.lost and CAP_STOP in self._agent.info.caps):
-            self._agent.send(Stop(self._process.id, self._ch))
+                and hello is not None and CAP_STOP in hello.caps):
+            self._link.send(Stop(self._process.id, self._ch))
         self.stop_reading()
 
     def stop_reading(self) -> None:
@@ -162,9 +182,7 @@ class _Incoming:
         self._lot.unpark_all()
 
     def _grant(self, size: int) -> None:
-        window = self._agent.conn.consumed(self._process.id, self._ch, size)
-        if window and not self._agent.lost:
-            self._agent.writer.send_control(window)
+        self._link.return_credit(self._process.id, self._ch, size)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if max_bytes is not None and max_bytes < 1:
@@ -204,7 +222,7 @@ class _Incoming:
                     raise trio.ClosedResourceError("the stream was closed")
                 if self._chunks or self.eof:
                     break
-                self._agent.raise_if_lost()
+                raise_if_lost(self._link)
                 await self._lot.park()
                 parked = True
             parts = self._take(max_bytes)

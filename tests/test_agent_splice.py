@@ -13,7 +13,7 @@ import trio
 
 import agent
 import controller
-from agent.transport import Buffer
+from link import Buffer
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "splice"), reason="splice is Linux-only")
 

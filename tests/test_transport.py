@@ -1,17 +1,19 @@
-"""FdTransport against real pipes and sockets: closed while in use; telling when the peer
-is gone without writing."""
+"""The link's FdTransport against real pipes and sockets: closed while in use; telling
+when the peer is gone without writing. Filling a process's closed standard fds."""
 
 from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import trio
 import trio.testing
 
-from agent.transport import FdTransport
+from link import FdTransport
 
 
 async def test_a_read_woken_just_before_aclose_sees_the_close() -> None:
@@ -109,3 +111,17 @@ async def test_wait_peer_gone_waits_for_ever_on_a_regular_file(tmp_path: Path) -
         finally:
             await transport.aclose()
             os.close(in_w)
+
+
+def test_fill_standard_fds_opens_dev_null_on_closed_ones() -> None:
+    script = (
+        "import os, link\n"
+        "print(link.fill_standard_fds(), os.path.samestat(os.fstat(0), os.stat(os.devnull)),"
+        " os.path.samestat(os.fstat(2), os.stat(os.devnull)), flush=True)\n"
+    )
+    # The shell closes stdin and stderr, then runs python in its place.
+    done = subprocess.run(
+        ["sh", "-c", 'exec 0<&- 2>&- "$@"', "sh", sys.executable, "-c", script],
+        stdout=subprocess.PIPE, timeout=30, check=True,
+    )
+    assert done.stdout == b"[0, 2] True True\n"

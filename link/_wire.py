@@ -1,4 +1,4 @@
-"""Frames over a transport, for both ends of a connection (the agent and the controller).
+"""Frames over a transport.
 
 :class:`FrameWriter` is a connection's single writer: control frames first, data in order,
 batched ``writev``. :func:`receive_frames` turns what the transport delivers into frames.
@@ -15,7 +15,7 @@ import trio
 
 from protocol import CONNECTION_CLOSED, NEED_DATA, Connection, Frame, RemoteProtocolError
 
-from .transport import Buffer, Transport
+from ._transport import Buffer, Transport
 
 __all__ = ["FrameWriter", "receive_frames"]
 

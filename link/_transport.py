@@ -1,4 +1,4 @@
-"""Byte transports under a protocol connection, shared by the agent and the controller.
+"""Byte transports under a protocol connection.
 
 A transport moves bytes and nothing else: ``receive_into(buffer)`` puts the next chunk in
 the caller's buffer (a zero-copy connection's, or one reused buffer) and returns its
@@ -21,7 +21,9 @@ from typing import Final, Protocol
 
 import trio
 
-__all__ = ["FdTransport", "StreamTransport", "Transport", "enlarge_pipe"]
+__all__ = [
+    "Buffer", "FdTransport", "StreamTransport", "Transport", "enlarge_pipe", "fill_standard_fds",
+]
 
 #: Pipe buffer size asked for by enlarge_pipe (Linux's default pipe-max-size).
 PIPE_SIZE: Final = 1 << 20
@@ -266,3 +268,23 @@ def enlarge_pipe(fd: int) -> None:
         with contextlib.suppress(OSError):
             if stat.S_ISFIFO(os.fstat(fd).st_mode):
                 fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_SIZE)
+
+
+def fill_standard_fds() -> list[int]:
+    """Open /dev/null on each of fds 0, 1 and 2 that is closed; return those fds.
+
+    A program started with a standard fd closed would otherwise get its next file, pipe or
+    socket at that number, and reading "stdin" would read that instead. Call it first thing
+    in ``main``, before anything opens an fd.
+    """
+    filled = []
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:  # the lowest free number is fd itself unless a lower one is free
+                os.dup2(null, fd)
+                os.close(null)
+            filled.append(fd)
+    return filled
