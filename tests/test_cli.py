@@ -586,8 +586,10 @@ def test_a_child_killed_by_another_signal_than_the_forwarded_one_is_128_plus_n()
 
 def test_a_signal_before_the_child_runs_ends_us_by_that_signal() -> None:
     # The agent command never says hello: mproxy-exec waits for it, the child unstarted.
-    # (cat ends when mproxy-exec, giving up, closes the agent's stdin.)
-    never = "sh -c 'echo agent-started >&2; exec cat >/dev/null'"
+    # (cat ends when mproxy-exec, giving up, closes the agent's stdin.) sh stays, holding
+    # the agent's stdout open: with `exec cat >/dev/null` the stdout closed at once, and
+    # mproxy-exec took that for the agent's loss (255) when it came before the signal.
+    never = "sh -c 'echo agent-started >&2; cat >/dev/null'"
     with subprocess.Popen([*EXEC, "--agent", never, "--", "true"], stdin=subprocess.DEVNULL,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
         assert proc.stderr is not None
