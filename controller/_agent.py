@@ -717,8 +717,10 @@ async def open_agent(
     killed (their process groups) and reaped; then the agent says goodbye and exits.
     Leaving by an exception or cancellation closes the agent's stdin at once, upon which
     it kills every child. Either way the agent process is then given ``shutdown_timeout``
-    seconds to exit and killed after. After the block every request raises
-    :class:`AgentClosed`.
+    seconds to exit and killed after. A command that never said hello (the handshake
+    timed out, or the caller was cancelled or interrupted while waiting for it) runs
+    nothing of ours: it is given half a second and then killed. After the block every
+    request raises :class:`AgentClosed`.
 
     The agent runs in a process group of its own: Ctrl-C at a terminal reaches this
     process only (its KeyboardInterrupt or handler decides), not the agent or the ssh
@@ -744,18 +746,29 @@ async def open_agent(
     os.close(to_agent_r)
     os.close(from_agent_w)
     transport = FdTransport(from_agent_r, to_agent_w)
+    # Until its hello, the command has not shown itself to be an agent, and nothing of
+    # ours runs under it: there is no teardown to wait for. A command that never says
+    # hello and ignores its input's end (`sleep`, an ssh still connecting) would
+    # otherwise hold a Ctrl-C or a handshake timeout up for shutdown_timeout more.
+    reap_timeout = min(shutdown_timeout, _UNGREETED_EXIT_WAIT)
     try:
         async with _serve(
             transport, window=window, max_frame=max_frame, handshake_timeout=handshake_timeout,
             shutdown_timeout=shutdown_timeout,
         ) as agent:
+            reap_timeout = shutdown_timeout
             agent.agent_pid = process.pid
             yield agent
     except AgentLost as exc:
-        await _reap(process, shutdown_timeout)
+        await _reap(process, reap_timeout)
         raise AgentLost(f"{exc} (agent exit status {process.returncode})") from None
     finally:
-        await _reap(process, shutdown_timeout)
+        await _reap(process, reap_timeout)
+
+
+#: How long a command that never said hello is given to exit by itself (so that its own
+#: status, e.g. `false`'s 1, is the one reported) before it is killed.
+_UNGREETED_EXIT_WAIT: Final = 0.5
 
 
 async def _reap(process: trio.Process, timeout: float) -> None:

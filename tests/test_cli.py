@@ -599,6 +599,19 @@ def test_a_signal_before_the_child_runs_ends_us_by_that_signal() -> None:
     assert (proc.returncode, out, err) == (-signal.SIGTERM, b"", b"")
 
 
+def test_a_signal_while_the_agent_command_hangs_ends_us_at_once() -> None:
+    # An agent command that never says hello and ignores its input's end (an ssh still
+    # connecting; here sleep): mproxy-exec used to wait shutdown_timeout (30 s) for it.
+    hanging = "sh -c 'echo agent-started >&2; exec sleep 60'"
+    with subprocess.Popen([*EXEC, "--agent", hanging, "--", "true"], stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        assert proc.stderr is not None
+        assert proc.stderr.readline() == b"agent-started\n"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=5)
+    assert (proc.returncode, out, err) == (-signal.SIGINT, b"", b"")
+
+
 def test_ctrl_c_stops_a_shell_loop_of_mproxy_exec() -> None:
     # Ctrl-C goes to the foreground process group: here bash and mproxy-exec (the agent
     # and the child have groups of their own). bash waits for mproxy-exec, and ends the

@@ -756,6 +756,28 @@ async def test_no_hello_within_the_handshake_timeout_is_agent_lost() -> None:
             pass
 
 
+async def test_a_command_that_never_says_hello_is_not_waited_for_after_the_timeout() -> None:
+    # `sleep` ignores the end of its input: waited for shutdown_timeout (30 s here) it
+    # held the handshake timeout's AgentLost up by that much more. (That wait runs
+    # shielded, beyond a fail_after's reach: the bound is checked afterwards.)
+    start = trio.current_time()
+    with pytest.raises(controller.AgentLost, match="no hello within"):
+        async with controller.open_agent(["sleep", "60"], handshake_timeout=0.5):
+            pass
+    assert trio.current_time() - start < 10
+
+
+async def test_cancelled_while_waiting_for_a_hello_returns_at_once() -> None:
+    # The wait for the command runs shielded, so a fail_after could not end it: the
+    # bound is checked afterwards (it took the 30 s of shutdown_timeout).
+    start = trio.current_time()
+    with trio.move_on_after(0.5) as waiting:
+        async with controller.open_agent(["sleep", "60"]):
+            raise AssertionError("sleep said hello")
+    assert waiting.cancelled_caught
+    assert trio.current_time() - start < 10
+
+
 async def test_an_agent_command_that_echoes_is_agent_lost_at_once() -> None:
     # `cat` sends our own hello back: refused as a hello of the wrong role, not taken for
     # an agent whose first request fails after a timeout.
