@@ -150,7 +150,7 @@ class Agent:
         pinned = self.conn.pinned_bytes
         if pinned <= _PIN_SLACK:
             return
-        incoming = [i for p in self.processes.values() for i in p._outputs.values()]
+        incoming = [i for p in self.processes.values() for i in p._incoming_streams()]
         if pinned > 2 * sum(i.buffered_views() for i in incoming) + _PIN_SLACK:
             for each in incoming:
                 each.copy_out()
@@ -254,11 +254,10 @@ class Agent:
         id = self._next_id
         self._next_id += 1
         process = RemoteProcess(self._link, id, list(argv), fds,  # type: ignore[arg-type]
-                                argv[0] if path is None else path)
+                                argv[0] if path is None else path, stdin_eof_sent=stdin_eof)
         self.processes[id] = process
         if stdin_eof:
             # exec and the stdin eof in one write: one wakeup of the agent, not two.
-            process._stdin.eof_sent = True
             self._link.writer.send_data(data, self._link.conn.send(Eof(id, 0)))
         else:
             self._link.writer.send_control(data)
@@ -449,7 +448,7 @@ class Agent:
 
         async with trio.open_nursery() as nursery:
             for process in list(self.processes.values()):
-                nursery.start_soon(_finish, process, deadline)
+                nursery.start_soon(process._finish, deadline)
         self.raise_if_lost()
         self.send(Shutdown())
         # The kills above were each given _KILL_WAIT: so is the agent's whole answer.
@@ -465,19 +464,6 @@ class Agent:
         if self.lost is None:  # else the loss stays the reason later calls fail
             self._closed = True
         self._link.end("the controller left")
-
-
-async def _finish(process: RemoteProcess, deadline: float) -> None:
-    """Close the stdin of ``process`` and discard its output; once it has exited, or at
-    ``deadline``, close it (which kills it if it still runs)."""
-    if process.closed:
-        return
-    await process.stdin.aclose()
-    for incoming in process._outputs.values():
-        incoming.stop_reading()
-    with trio.move_on_at(deadline):
-        await process._exited.wait()
-    await process.aclose()
 
 
 def _os_string(value: object, what: str) -> bytes:

@@ -119,7 +119,7 @@ class RemoteProcess:
 
     def __init__(
         self, link: Link, id: int, args: list[bytes | str], fds: tuple[int, ...],
-        program: str | bytes | os.PathLike[str],
+        program: str | bytes | os.PathLike[str], *, stdin_eof_sent: bool = False,
     ) -> None:
         self._link = link
         self.id = id
@@ -143,6 +143,7 @@ class RemoteProcess:
         self._signal_waiters: deque[_SignalDelivery] = deque()  # sent, not yet answered
         self._undelivered: deque[_SignalDelivery] = deque()  # failed, nobody awaited them
         self._stdin = _Outgoing(link, self, 0)
+        self._stdin.eof_sent = stdin_eof_sent  # the caller sent it with the exec
         self._outputs = {1: _Incoming(link, self, 1), 2: _Incoming(link, self, 2)}
         self._fd_out = {n: _Outgoing(link, self, n) for n in fds}
         for n in fds:
@@ -342,6 +343,22 @@ class RemoteProcess:
                 await self._exited.wait()
             self._release()
             await self._released.wait()
+
+    async def _finish(self, deadline: float) -> None:
+        """For the agent's shutdown: close stdin and discard the output; once the child
+        has exited, or at ``deadline``, close it (which kills it if it still runs)."""
+        if self.closed:
+            return
+        await self.stdin.aclose()
+        for incoming in self._outputs.values():
+            incoming.stop_reading()
+        with trio.move_on_at(deadline):
+            await self._exited.wait()
+        await self.aclose()
+
+    def _incoming_streams(self) -> list[_Incoming]:
+        """The output buffers, for the agent's bound on pinned receive buffers."""
+        return list(self._outputs.values())
 
     def _release(self) -> None:
         """Stop the streams and send close (once): the agent kills what is left of the
