@@ -16,6 +16,7 @@ The ``mproxy-exec`` command line is in ``controller._cli``.
 from ._agent import Agent, connect, open_agent
 from ._errors import AgentClosed, AgentError, AgentLost, RemoteError, collapse_group
 from ._process import RemoteProcess
+from ._ssh import open_ssh_agent, ssh_argv
 from ._streams import RemoteFdStream, RemoteReceiveStream, RemoteSendStream
 
 __all__ = [
@@ -31,4 +32,6 @@ __all__ = [
     "collapse_group",
     "connect",
     "open_agent",
+    "open_ssh_agent",
+    "ssh_argv",
 ]

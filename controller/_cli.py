@@ -38,6 +38,7 @@ from . import (
     RemoteReceiveStream,
     collapse_group,
     open_agent,
+    ssh_argv,
 )
 
 __all__ = ["main"]
@@ -196,8 +197,10 @@ def _agent_command(args: argparse.Namespace) -> list[str] | None:
             raise _UsageError("--agent: empty command")
         return command
     if args.ssh is not None:
-        options = [item for opt in args.ssh_options for item in ("-o", opt)]
-        return ["ssh", *options, "--", args.ssh, "mproxy-agent"]
+        try:
+            return ssh_argv(args.ssh, ["mproxy-agent"], ssh_options=args.ssh_options)
+        except ValueError as exc:
+            raise _UsageError(f"--ssh: {exc}") from None
     if args.ssh_options:
         raise _UsageError("-o is only for --ssh")
     return None

@@ -231,3 +231,26 @@ async def test_killing_the_ssh_client_kills_every_remote_child(sshd: SshServer) 
                 await procs[2].wait()
     leftovers = [pid for pid, (_, ppid, _) in all_procs().items() if ppid == agent_pid]
     assert leftovers == []
+
+
+async def test_open_ssh_agent_passes_the_ssh_options_and_agent_arguments(
+    sshd: SshServer,
+) -> None:
+    options = [f"Port={sshd.port}", f"IdentityFile={sshd.key}", "StrictHostKeyChecking=no",
+               "UserKnownHostsFile=/dev/null", "BatchMode=yes", "LogLevel=ERROR"]
+    with trio.fail_after(60):
+        async with controller.open_ssh_agent(
+            f"{sshd.user}@{sshd.host}", ssh_options=options,
+            agent_command=[sshd.agent_path], agent_args=["--grace", "1"],
+        ) as agent:
+            result = await agent.run_process(["sh", "-c", "printf %s \"$0\"", "it's"],
+                                             capture_stdout=True)
+            assert result.stdout == b"it's"
+
+
+def test_ssh_argv_refuses_a_destination_ssh_would_take_for_an_option() -> None:
+    for bad in ("", "-oProxyCommand=touch /tmp/x"):
+        with pytest.raises(ValueError, match="destination"):
+            controller.ssh_argv(bad, ["true"])
+    assert controller.ssh_argv("h", ["a b", "c"], ssh_options=["Port=2"], ssh_config="f") == [
+        "ssh", "-F", "f", "-o", "Port=2", "--", "h", "'a b' c"]
