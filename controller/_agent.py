@@ -95,6 +95,7 @@ class Agent:
         self._next_id = 1
         self._shutdown_timeout = shutdown_timeout
         self._closed = False  # aclose() began (or the block was left): no new requests
+        self._aborted = False  # the block was left by an exception: nothing to finish
         self._hello = trio.Event()
         self._goodbye = trio.Event()
         self._pings: dict[int, trio.Event] = {}
@@ -437,7 +438,10 @@ class Agent:
 
         Raises :class:`AgentLost` if the agent is lost, before or meanwhile: how the
         processes ended is then unknown. Called again, waits for the first call's
-        goodbye."""
+        goodbye. After the block was left by an exception or cancellation (the stream
+        closed at once, see :func:`connect`), it does nothing."""
+        if self._aborted:
+            return
         self.raise_if_lost()
         if self._closed:  # closed already, or being closed by another task
             await self._goodbye.wait()
@@ -463,6 +467,7 @@ class Agent:
         """Stop everything at once: the agent sees the stream end and kills every child."""
         if self.lost is None:  # else the loss stays the reason later calls fail
             self._closed = True
+            self._aborted = True
         self._link.end("the controller left")
 
 

@@ -99,6 +99,19 @@ async def test_start_process_soon_after_the_block_raises_agent_closed() -> None:
             agent.start_process_soon(["true"])
 
 
+
+async def test_aclose_after_the_block_was_left_by_an_exception_does_nothing() -> None:
+    # trio's rule for resources: closing one that is closed already is a no-op. The
+    # block's exception closed the agent; a later aclose() (a cleanup that runs after
+    # any exit) must not turn that into AgentLost.
+    with trio.fail_after(15):
+        with pytest.raises(KeyError):
+            async with controller.open_agent(agent_args=GRACE_ARGS) as agent:
+                raise KeyError("the caller's own error")
+        await agent.aclose()
+        with pytest.raises(controller.AgentClosed):
+            agent.start_process_soon(["true"])
+
 # ---------------------------------------------------------------- receive_buffered
 
 
