@@ -69,6 +69,23 @@ _LEVELS: Final = {"debug": logging.DEBUG, "info": logging.INFO, "warning": loggi
 _GROUP_POLL: Final = 0.05
 
 
+# How long closed may wait for the rest of a SIGKILLed group to die.
+_GROUP_END_WAIT: Final = 1.0
+
+
+async def _group_killed(pgid: int) -> None:
+    """Wait until the rest of group ``pgid``, which was sent SIGKILL, has died, so that
+    ``closed`` means nothing of the group is left alive: a kill is delivered, not done,
+    when killpg returns. One syscall when the group is empty (the usual case); polls /proc
+    otherwise (zombies left for the orphan reaper do not count), for at most
+    ``_GROUP_END_WAIT`` seconds (a process in uninterruptible sleep dies when it wakes)."""
+    if kill_group(pgid, 0) is not None:  # ESRCH: nothing left, zombies neither
+        return
+    with trio.move_on_after(_GROUP_END_WAIT):
+        while _orphans.groups_alive({pgid}):
+            await trio.sleep(0.001)
+
+
 class Child:
     """Everything the agent holds for one child id, from exec until closed."""
 
@@ -384,7 +401,10 @@ class Agent:
             if child.pid is not None and not child.reaped:
                 kill_group(child.pid, signal.SIGKILL)
             child.release()
+            pgid = child.pid if not child.reaped else None
             child.reap()
+            if pgid is not None:
+                await _group_killed(pgid)
             self.link.send_after_data(Closed(child.id))
         finally:
             child.release()

@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import random
+import shlex
 import signal
 import subprocess
 import sys
@@ -746,6 +747,27 @@ async def test_async_with_kills_and_reaps(any_agent: controller.Agent) -> None:
         assert proc_stat(pid) is None
         with pytest.raises(trio.ClosedResourceError):
             await proc.stdin.send_all(b"late")
+
+
+async def test_closed_waits_for_a_group_member_that_is_slow_to_die(
+    any_agent: controller.Agent
+) -> None:
+    # SIGKILL is delivered, not done, when killpg returns: a process with 1 GiB of touched
+    # memory takes tens of milliseconds to release it and die. closed must wait for it.
+    hog = ("import os, select\n"
+           "b = bytearray(1 << 30)\n"
+           "for i in range(0, len(b), 4096): b[i] = 1\n"
+           "os.write(1, b'ready\\n')\n"
+           "os.close(1)\n"
+           "select.select([], [], [])\n")
+    with trio.fail_after(30):
+        async with await any_agent.open_process(
+            ["sh", "-c", f'{shlex.quote(sys.executable)} -c "$0" & exec sleep 100',
+             hog]
+        ) as proc:
+            pid = proc.pid
+            assert await read_until(proc.stdout, b"ready\n") == b"ready\n"
+        assert group_members(pid) == []
 
 
 async def test_no_hello_within_the_handshake_timeout_is_agent_lost() -> None:
