@@ -20,11 +20,12 @@ credentials; Popen's user/group force a fork and chdir before dropping privilege
 build picks one of three per spec (Command.mechanism):
 
 1. "popen", no extra fds and no credential drop: subprocess.Popen(close_fds=True,
-   process_group=0, restore_signals=True), which CPython 3.11 still runs with vfork
-   (process_group does not disable it; only preexec_fn and user/group/extra_groups do).
+   start_new_session=True, restore_signals=True), which CPython 3.11 still runs with
+   vfork (start_new_session does not disable it; only preexec_fn and user/group/
+   extra_groups do).
 2. "posix_spawn", extra fds without credential drop: glibc posix_spawn through ctypes,
    with a collision-safe dup2 plan, a close action per unused fd number below the highest
-   requested one plus closefrom above it, addchdir_np, POSIX_SPAWN_SETPGROUP, SETSIGDEF
+   requested one plus closefrom above it, addchdir_np, POSIX_SPAWN_SETSID, SETSIGDEF
    (SIGPIPE, SIGXFSZ, and glibc's internal signals 32 and 33, which its posix_spawn
    otherwise leaves ignored in the child) and SETSIGMASK (empty).
 3. "trampoline", credential drop in effect (and extra fds whose layout would need more
@@ -36,7 +37,7 @@ build picks one of three per spec (Command.mechanism):
 
 Measured cost of build + start + wait of /bin/true, as a ratio to subprocess.run(
 ["/bin/true"]) (~0.8 ms here), median of 300 interleaved rounds on 2 cores:
-popen 1.1 (the three pipes; the same as Popen(process_group=0) with three PIPEs);
+popen 1.1 (the three pipes; the same as Popen(start_new_session=True) with three PIPEs);
 posix_spawn 1.2 for extra fd [3], 1.75 for [3, 7, 200] (each unused number below the
 highest requested fd costs one close action, ~2 us of ctypes call); trampoline 15
 (12-16 ms: an interpreter start-up). With a 1 GB parent these stay the same, where any

@@ -122,7 +122,8 @@ class Command:
         return self.mechanism != "trampoline"
 
     def start(self) -> subprocess.Popen[bytes]:
-        """Start the child; it runs in a new process group whose id is its pid.
+        """Start the child; it runs in a new session, without a controlling terminal, whose
+        id is its pid and so is its process group's.
 
         Blocks for about the cost of one spawn (well under a millisecond for popen and
         posix_spawn, ~15 ms for the trampoline) and holds no lock shared with other
@@ -196,7 +197,7 @@ class Command:
                 env=None if resolved.env is None else dict(resolved.env),
                 cwd=resolved.cwd,
                 close_fds=True,
-                process_group=0,
+                start_new_session=True,
                 restore_signals=True,
             )
         except OSError as e:
@@ -276,7 +277,8 @@ class _SpawnedPopen(subprocess.Popen[bytes]):
 def build(spec: Spec) -> tuple[Command, Pipes]:
     """Prepare spec's child: validate, resolve, and create its pipes and socketpairs.
 
-    The child will get a fresh process group (its pgid equals its pid); the credential
+    The child will get a session of its own (setsid: its sid and pgid equal its pid, and
+    it has no controlling terminal, so it can never stop on or read the caller's); the credential
     drop when spec asks for it and it applies (see Spec); pipes for stdin, stdout and
     stderr; one AF_UNIX SOCK_STREAM socketpair per extra fd, whose child end appears in
     the child at exactly that number; nothing else open (only 0, 1, 2 and the extra fds);

@@ -19,7 +19,7 @@ from typing import Any
 from ._fdplan import FdPlan
 
 # <spawn.h>
-_POSIX_SPAWN_SETPGROUP = 0x02
+_POSIX_SPAWN_SETSID = 0x80  # glibc >= 2.26: setsid() in the child
 _POSIX_SPAWN_SETSIGDEF = 0x04
 _POSIX_SPAWN_SETSIGMASK = 0x08
 
@@ -55,7 +55,6 @@ class _Libc:
         self.attr_init = fn("posix_spawnattr_init", _P)
         self.attr_destroy = fn("posix_spawnattr_destroy", _P)
         self.setflags = fn("posix_spawnattr_setflags", _P, ctypes.c_short)
-        self.setpgroup = fn("posix_spawnattr_setpgroup", _P, _INT)
         self.setsigdefault = fn("posix_spawnattr_setsigdefault", _P, _P)
         self.setsigmask = fn("posix_spawnattr_setsigmask", _P, _P)
         self.lib = lib
@@ -116,10 +115,9 @@ def spawn(
             _check(libc.setsigdefault(attr, libc.default_signals), OSError)
             # An empty mask: else the child inherits the calling thread's.
             _check(libc.setsigmask(attr, _SigSet()), OSError)
-            _check(libc.setpgroup(attr, 0), OSError)
             _check(
                 libc.setflags(
-                    attr, _POSIX_SPAWN_SETPGROUP | _POSIX_SPAWN_SETSIGDEF | _POSIX_SPAWN_SETSIGMASK
+                    attr, _POSIX_SPAWN_SETSID | _POSIX_SPAWN_SETSIGDEF | _POSIX_SPAWN_SETSIGMASK
                 ),
                 OSError,
             )

@@ -118,7 +118,7 @@ def spawn(
                 env={},
                 close_fds=True,
                 pass_fds=(*extra.values(), control_fd),
-                process_group=0,
+                start_new_session=True,
                 restore_signals=True,
             )
         except OSError as e:

@@ -12,6 +12,7 @@ import errno
 import fcntl
 import io
 import os
+import pty
 import pwd
 import re
 import resource
@@ -196,10 +197,57 @@ def test_mechanism_per_case(case: Case) -> None:
         assert child.communicate() == (b"", b"", 0)
 
 
-def test_exact_fd_table_and_new_process_group(case: Case) -> None:
+# Run inside a pseudo-terminal that is its controlling terminal: starts the case's child,
+# which reports whether it leads a session of its own and what opening /dev/tty gives.
+_AT_A_TERMINAL = """
+import fcntl, os, sys, termios
+from childproc import Spec, build, close_child_side
+fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+os.close(os.open("/dev/tty", os.O_RDWR))  # we do have a controlling terminal
+extra = tuple(int(n) for n in sys.argv[2].split(",") if n)
+probe = ("import errno, os\\n"
+         "try:\\n    os.open('/dev/tty', os.O_RDWR); tty = 'opened'\\n"
+         "except OSError as e:\\n    tty = errno.errorcode[e.errno]\\n"
+         "print(os.getsid(0) == os.getpgid(0) == os.getpid(), tty)")
+command, pipes = build(Spec(os.fsencode(sys.argv[4]), [sys.argv[4], "-c", probe],
+                            extra_fds=extra, drop_sudo_credentials=sys.argv[3] == "1"))
+try:
+    proc = command.start()
+finally:
+    close_child_side(command)
+pipes.stdin.close()
+out = pipes.stdout.read()
+proc.wait()
+os.write(int(sys.argv[1]), out)
+"""
+
+
+def test_child_leads_a_session_of_its_own_without_a_terminal(case: Case) -> None:
+    # setsid on every spawn path: the child can never read, write or stop on the
+    # caller's terminal (opening /dev/tty fails with ENXIO), as sshd's sessions.
+    primary, secondary = pty.openpty()
+    result_r, result_w = os.pipe()
+    try:
+        helper = subprocess.Popen(
+            [sys.executable, "-c", _AT_A_TERMINAL, str(result_w),
+             ",".join(map(str, case.extra_fds)), "1" if case.drop else "0",
+             # The dropped user may not enter this venv: the probe needs only the stdlib.
+             "/usr/bin/python3" if case.drop else sys.executable],
+            stdin=secondary, stdout=secondary, stderr=secondary, pass_fds=(result_w,),
+            start_new_session=True, cwd=Path(__file__).parent.parent)
+        os.close(result_w)
+        os.close(secondary)
+        assert helper.wait(timeout=30) == 0, os.read(primary, 65536)
+        assert os.read(result_r, 1024) == b"True ENXIO\n"
+    finally:
+        for fd in (primary, result_r):
+            os.close(fd)
+
+
+def test_exact_fd_table_and_new_session(case: Case) -> None:
     with LocalChild(case.spec(CAT, ["cat"])) as child:
         child.sync()
-        assert os.getpgid(child.proc.pid) == child.proc.pid
+        assert os.getpgid(child.proc.pid) == os.getsid(child.proc.pid) == child.proc.pid
         table = child.fd_table()
         assert sorted(table) == [0, 1, 2, *case.extra_fds]
         assert table[0] == pipe_name(child.pipes.stdin)

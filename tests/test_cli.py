@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import pty
 import random
 import resource
 import shlex
@@ -823,3 +824,24 @@ def test_closed_stdin_reads_as_empty() -> None:
         capture_output=True, timeout=TIMEOUT, check=False,
     )
     assert (done.returncode, done.stdout, done.stderr) == (0, b"done\n", b"")
+
+
+def test_a_child_cannot_use_our_terminal() -> None:
+    # Started at a terminal (a pty that is our controlling terminal), the child is in a
+    # session of its own: `cat /dev/tty` fails at once with ENXIO, it never stops on
+    # SIGTTIN and hangs mproxy-exec.
+    primary, secondary = pty.openpty()
+    at_a_terminal = ("import fcntl, os, sys, termios\n"
+                     "fcntl.ioctl(0, termios.TIOCSCTTY, 0)\n"
+                     "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])\n")
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-c", at_a_terminal, *EXEC[1:], "--", "cat", "/dev/tty"],
+            stdin=secondary, stdout=secondary, stderr=subprocess.PIPE,
+            start_new_session=True)
+        os.close(secondary)
+        _, err = process.communicate(timeout=30)
+        assert process.returncode == 1
+        assert b"No such device or address" in err
+    finally:
+        os.close(primary)
