@@ -15,8 +15,6 @@ neither depends on the other:
 
 from __future__ import annotations
 
-from importlib import metadata
-
 from ._link import Link, Receiver
 from ._transport import (
     Buffer,
@@ -26,6 +24,7 @@ from ._transport import (
     enlarge_pipe,
     fill_standard_fds,
 )
+from ._version import __version__
 from ._wire import FrameWriter, receive_frames
 
 __all__ = [
@@ -41,8 +40,3 @@ __all__ = [
     "fill_standard_fds",
     "receive_frames",
 ]
-
-try:
-    __version__ = metadata.version("mproxy-agent")
-except metadata.PackageNotFoundError:  # running from a source tree
-    __version__ = "0+unknown"
