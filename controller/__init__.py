@@ -14,7 +14,19 @@ The ``mproxy-exec`` command line is in ``controller._cli``.
 """
 
 from ._agent import Agent, connect, open_agent
-from ._errors import AgentClosed, AgentError, AgentLost, RemoteError, collapse_group
+from ._errors import (
+    AgentClosed,
+    AgentError,
+    AgentLost,
+    AgentStartError,
+    NoPython,
+    PayloadUploadFailed,
+    PayloadVerificationFailed,
+    PythonTooOld,
+    RemoteError,
+    SshFailed,
+    collapse_group,
+)
 from ._process import RemoteProcess
 from ._ssh import open_ssh_agent, ssh_argv
 from ._streams import RemoteFdStream, RemoteReceiveStream, RemoteSendStream
@@ -24,11 +36,17 @@ __all__ = [
     "AgentClosed",
     "AgentError",
     "AgentLost",
+    "AgentStartError",
+    "NoPython",
+    "PayloadUploadFailed",
+    "PayloadVerificationFailed",
+    "PythonTooOld",
     "RemoteError",
     "RemoteFdStream",
     "RemoteProcess",
     "RemoteReceiveStream",
     "RemoteSendStream",
+    "SshFailed",
     "collapse_group",
     "connect",
     "open_agent",

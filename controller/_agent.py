@@ -42,10 +42,22 @@ from protocol import (
     Window,
 )
 
-from ._errors import AgentClosed, AgentLost, RemoteError, collapse_group, raise_if_lost
+from ._errors import (
+    AgentClosed,
+    AgentLost,
+    AgentStartError,
+    NoPython,
+    PayloadUploadFailed,
+    RemoteError,
+    SshFailed,
+    collapse_group,
+    raise_if_lost,
+)
+from ._payload import Payload
 from ._process import _KILL_WAIT, RemoteProcess
+from ._start import HelloSync, StageEnded, StderrTail, quote, run_stage
 
-__all__ = ["Agent", "connect", "open_agent"]
+__all__ = ["Agent", "connect", "open_agent", "open_command_agent"]
 
 agent_logger = logging.getLogger("mproxy.agent")
 #: Credit the controller grants per output channel (the agent's hello window bounds the
@@ -719,42 +731,154 @@ async def open_agent(
     prompt: use keys).
     """
     argv = list(command) if command is not None else [sys.executable, "-m", "agent"]
-    argv += agent_args
+    async with open_command_agent(
+        [*argv, *agent_args], where=None, window=window, max_frame=max_frame, stderr=stderr,
+        shutdown_timeout=shutdown_timeout, handshake_timeout=handshake_timeout,
+    ) as agent:
+        yield agent
+
+
+@asynccontextmanager
+async def open_command_agent(
+    argv: Sequence[str],
+    *,
+    where: str | None,
+    payload: Payload | None = None,
+    python: str = "python3",
+    window: int,
+    max_frame: int,
+    stderr: int | None,
+    shutdown_timeout: float,
+    handshake_timeout: float,
+) -> AsyncIterator[Agent]:
+    """:func:`open_agent` for ``argv``, which is ``ssh ... where`` when ``where`` (the
+    destination) is given. With ``payload``, ``argv`` runs the agentless first stage
+    (``_stage``) with ``python``, and the dialogue with it comes first. Failures to
+    start raise :class:`AgentStartError` subclasses where the cause is known."""
     to_agent_r, to_agent_w = os.pipe()
     from_agent_r, from_agent_w = os.pipe()
     enlarge_pipe(to_agent_w)
     enlarge_pipe(from_agent_r)
+    pipes = [to_agent_r, to_agent_w, from_agent_r, from_agent_w]
+    if stderr is None:
+        # Copied to ours by StderrTail, which keeps the end for a failed start's message.
+        stderr_r, stderr_w = os.pipe()
+        pipes += [stderr_r, stderr_w]
     try:
         # A process group of its own: the signals a terminal sends to its foreground
         # group (Ctrl-C, Ctrl-\, a hangup) are ours to handle, not the agent's (or ssh's).
         process = await trio.lowlevel.open_process(
-            argv, stdin=to_agent_r, stdout=from_agent_w, stderr=stderr, process_group=0
+            list(argv), stdin=to_agent_r, stdout=from_agent_w,
+            stderr=stderr_w if stderr is None else stderr, process_group=0,
         )
     except BaseException:
-        for fd in (to_agent_r, to_agent_w, from_agent_r, from_agent_w):
+        for fd in pipes:
             os.close(fd)
         raise
     os.close(to_agent_r)
     os.close(from_agent_w)
+    tail = None
+    if stderr is None:
+        os.close(stderr_w)
+        tail = StderrTail(stderr_r)
     transport = FdTransport(from_agent_r, to_agent_w)
+    label = where if where is not None else "the agent command"
     # Until its hello, the command has not shown itself to be an agent, and nothing of
     # ours runs under it: there is no teardown to wait for. A command that never says
     # hello and ignores its input's end (`sleep`, an ssh still connecting) would
     # otherwise hold a Ctrl-C or a handshake timeout up for shutdown_timeout more.
     reap_timeout = min(shutdown_timeout, _UNGREETED_EXIT_WAIT)
+    synced = HelloSync(transport, where=label)
+    deadline = trio.current_time() + handshake_timeout
+    noise = bytearray()
     try:
-        async with _serve(
-            transport, window=window, max_frame=max_frame, handshake_timeout=handshake_timeout,
-            shutdown_timeout=shutdown_timeout,
-        ) as agent:
-            reap_timeout = shutdown_timeout
-            agent.agent_pid = process.pid
-            yield agent
-    except AgentLost as exc:
-        await _reap(process, reap_timeout)
-        raise AgentLost(f"{exc} (agent exit status {process.returncode})") from None
-    finally:
-        await _reap(process, reap_timeout)
+        async with trio.open_nursery() as nursery:
+            if tail is not None:
+                nursery.start_soon(tail.run)
+            try:
+                if payload is not None:
+                    synced = await _staged(transport, payload, where=label, python=python,
+                                           deadline=deadline, noise=noise)
+                async with _serve(
+                    synced, window=window, max_frame=max_frame,
+                    handshake_timeout=max(0.0, deadline - trio.current_time()),
+                    shutdown_timeout=shutdown_timeout,
+                ) as agent:
+                    reap_timeout = shutdown_timeout
+                    agent.agent_pid = process.pid
+                    yield agent
+            except StageEnded as ended:
+                await _reap(process, reap_timeout)
+                raise _start_failure(label, process.returncode, tail, ended.output,
+                                     uploads=ended.uploads, python=python,
+                                     ssh=where is not None) from None
+            except AgentStartError:
+                raise
+            except AgentLost as exc:
+                await _reap(process, reap_timeout)
+                if not synced.found:
+                    output = bytes(synced.skipped)
+                    raise _start_failure(label, process.returncode, tail, output, uploads=0,
+                                         python=None, ssh=where is not None,
+                                         reason=str(exc)) from None
+                raise AgentLost(f"{exc} (agent exit status {process.returncode})") from None
+            finally:
+                with trio.CancelScope(shield=True):
+                    await transport.aclose()
+                await _reap(process, reap_timeout)
+                if tail is not None:
+                    # ssh is gone; what it started (a ProxyCommand) may hold its stderr.
+                    with trio.move_on_after(_UNGREETED_EXIT_WAIT):
+                        await tail.ended.wait()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The stderr copier's nursery wraps what the block raised: unwrap that level, as
+        # _serve does, so that callers can catch AgentLost around ``async with``.
+        if len(group.exceptions) != 1:
+            raise
+        only = group.exceptions[0]
+        raise only from only.__cause__
+
+
+async def _staged(transport: FdTransport, payload: Payload, *, where: str, python: str,
+                  deadline: float, noise: bytearray) -> HelloSync:
+    """Hold the first stage's dialogue (``run_stage``) until ``deadline``; the transport
+    from the agent's hello on."""
+    with trio.move_on_at(deadline):
+        pending = await run_stage(transport, payload, where=where, python=python,
+                                  noise=noise)
+        return HelloSync(transport, pending, where=where)
+    wrote = f"; it wrote {quote(bytes(noise))}" if noise.strip() else ""
+    raise AgentStartError(f"{where}: the agent's first stage did not start in time{wrote}")
+
+
+def _start_failure(
+    where: str, status: int | None, tail: StderrTail | None, output: bytes, *, uploads: int,
+    python: str | None, ssh: bool, reason: str | None = None,
+) -> AgentLost:
+    """Why an agent command ended (or was given up on) before its hello: the most
+    specific error its exit status and messages allow."""
+    said = tail.last_lines() if tail is not None else ""
+    shown = f": {said}" if said else ""
+    wrote = f"; it wrote {quote(output)}" if output.strip(b"\n") else ""
+    if uploads:
+        return PayloadUploadFailed(
+            f"{where}: the connection ended while the agent's payload was being sent "
+            f"(exit status {status}){shown}")
+    if ssh and status == _SSH_FAILED:
+        return SshFailed(f"ssh {where} failed (exit status 255){shown or wrote}")
+    if python is not None and status == _NOT_FOUND:
+        return NoPython(f"{where}: no {python} in the login's PATH (exit status 127){shown}")
+    if reason is not None:
+        return AgentLost(f"{reason} (agent exit status {status}){wrote}{shown}")
+    return AgentStartError(
+        f"{where}: the agent's first stage exited with status {status} before it "
+        f"started{shown}{wrote}")
+
+
+#: ssh's exit status for its own failures; a shell's for a command it did not find.
+_SSH_FAILED: Final = 255
+_NOT_FOUND: Final = 127
 
 
 #: How long a command that never said hello is given to exit by itself (so that its own

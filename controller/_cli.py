@@ -32,12 +32,14 @@ from protocol import CAP_STOP, DEFAULT_ENV_KEEP, DEFAULT_ENV_REMOVE
 from . import (
     Agent,
     AgentError,
+    AgentStartError,
     RemoteError,
     RemoteFdStream,
     RemoteProcess,
     RemoteReceiveStream,
     collapse_group,
     open_agent,
+    open_ssh_agent,
     ssh_argv,
 )
 
@@ -68,7 +70,7 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 
 _USAGE_LINE: Final = """\
-%(prog)s [-h] [--version] [--agent CMD | --ssh DEST [-o SSH_OPTION]...] [-n]
+%(prog)s [-h] [--version] [--agent CMD | --ssh DEST [-o SSH_OPTION]... [--python PATH]] [-n]
                    [--env K=V]... [--unset NAME]... [--clear-env] [--cwd DIR] [--fd N]...
                    [--drop-sudo] [-v] [--] PROG [ARG...]"""
 
@@ -106,9 +108,14 @@ def _parser() -> argparse.ArgumentParser:
                        help="command that starts an agent, split like a shell would "
                        "(e.g. 'ssh -p 2222 host /opt/bin/mproxy-agent')")
     where.add_argument("--ssh", metavar="DEST",
-                       help="short for --agent 'ssh DEST mproxy-agent'")
+                       help="run PROG on DEST over ssh, where nothing needs to be installed "
+                       "but Python >= 3.11: the agent's code is sent the first time and "
+                       "cached there (~/.cache/mproxy-agent)")
     parser.add_argument("-o", dest="ssh_options", action="append", default=[],
                         metavar="SSH_OPTION", help="ssh -o option (with --ssh)")
+    parser.add_argument("--python", metavar="PATH",
+                        help="the Python to run the agent with on DEST (with --ssh; "
+                        "default: python3 from the login's PATH)")
     parser.add_argument("-n", dest="no_stdin", action="store_true",
                         help="stdin from /dev/null, as ssh -n: PROG reads EOF at once and "
                         "mproxy-exec never reads its own stdin (e.g. in a 'while read' loop)")
@@ -197,12 +204,15 @@ def _agent_command(args: argparse.Namespace) -> list[str] | None:
             raise _UsageError("--agent: empty command")
         return command
     if args.ssh is not None:
-        try:
-            return ssh_argv(args.ssh, ["mproxy-agent"], ssh_options=args.ssh_options)
+        try:  # checks the destination; open_ssh_agent builds the command
+            ssh_argv(args.ssh, [], ssh_options=args.ssh_options)
         except ValueError as exc:
             raise _UsageError(f"--ssh: {exc}") from None
+        return None
     if args.ssh_options:
         raise _UsageError("-o is only for --ssh")
+    if args.python is not None:
+        raise _UsageError("--python is only for --ssh")
     return None
 
 
@@ -497,7 +507,7 @@ def _environment(args: argparse.Namespace,
     exactly, whatever the agent's process adds to its own."""
     if args.clear_env:
         return {}
-    if command is None:
+    if command is None and args.ssh is None:
         return {key: value for key, value in os.environb.items()}
     return None
 
@@ -508,7 +518,12 @@ async def _run(args: argparse.Namespace, command: list[str] | None,
     # Without debug records from the agent, -v would show nothing in a normal run. An
     # --agent CMD is used exactly as given: its author chooses the agent's options.
     verbose_args = ["--log-level", "debug"] if args.verbose and args.agent is None else []
-    async with open_agent(command, agent_args=verbose_args) as agent:
+    if args.ssh is not None:
+        opened = open_ssh_agent(args.ssh, ssh_options=args.ssh_options,
+                                python=args.python or "python3", agent_args=verbose_args)
+    else:
+        opened = open_agent(command, agent_args=verbose_args)
+    async with opened as agent:
         try:
             process = agent.start_process_soon(
                 args.program,
@@ -619,6 +634,9 @@ def _failure_status(exc: BaseException) -> tuple[int, signal.Signals | None]:
     if isinstance(exc, _UsageError):
         print(f"mproxy-exec: {exc}", file=sys.stderr)
         return _USAGE, None
+    if isinstance(exc, AgentStartError):  # says what failed where, ssh's message included
+        print(f"mproxy-exec: {exc}", file=sys.stderr)
+        return _EXIT_AGENT_FAILED, None
     if isinstance(exc, (AgentError, trio.BrokenResourceError)):
         print(f"mproxy-exec: agent failed: {exc}", file=sys.stderr)
         return _EXIT_AGENT_FAILED, None

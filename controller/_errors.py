@@ -6,8 +6,9 @@ import trio
 
 from link import Link
 
-__all__ = ["AgentClosed", "AgentError", "AgentLost", "RemoteError", "collapse_group",
-           "raise_if_lost"]
+__all__ = ["AgentClosed", "AgentError", "AgentLost", "AgentStartError", "NoPython",
+           "PayloadUploadFailed", "PayloadVerificationFailed", "PythonTooOld", "RemoteError",
+           "SshFailed", "collapse_group", "raise_if_lost"]
 
 
 class AgentError(Exception):
@@ -18,6 +19,34 @@ class AgentLost(AgentError, trio.BrokenResourceError):
     """The agent went away (its process died, the ssh link dropped, it broke the
     protocol) before answering. Raised from every pending and later call: a lost exit
     status is never reported as a number."""
+
+
+class AgentStartError(AgentLost):
+    """The agent could not be started: raised from ``open_agent`` or ``open_ssh_agent``
+    before its block runs. The message names the host and says what was found there
+    (and, where ssh failed, ssh's own message). The subclasses tell the causes apart."""
+
+
+class SshFailed(AgentStartError):
+    """ssh itself failed (exit status 255 before the agent started): the host is unknown
+    or unreachable, authentication failed, the host key did not match."""
+
+
+class NoPython(AgentStartError):
+    """The host has no Python interpreter by the name asked for (``python3``) in its
+    login's PATH, so the agent cannot be started there without installing anything."""
+
+
+class PythonTooOld(AgentStartError):
+    """The host's Python is older than the agent needs; the message says both versions."""
+
+
+class PayloadUploadFailed(AgentStartError):
+    """The connection ended while the agent's code was being sent to the host."""
+
+
+class PayloadVerificationFailed(AgentStartError):
+    """The agent's code arrived on the host with the wrong sha256, twice: it was not run."""
 
 
 def raise_if_lost(link: Link) -> None:

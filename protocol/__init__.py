@@ -49,6 +49,7 @@ from ._frames import (
     Stop,
     Window,
 )
+from ._sync import HELLO_SIGNATURE, find_hello
 
 __all__ = [
     "CAP_STOP",
@@ -59,6 +60,7 @@ __all__ = [
     "DEFAULT_MAX_FRAME",
     "DEFAULT_WINDOW",
     "HEADER_SIZE",
+    "HELLO_SIGNATURE",
     "MAX_ID",
     "MIN_MAX_FRAME",
     "NEED_DATA",
@@ -93,6 +95,7 @@ __all__ = [
     "Started",
     "Stop",
     "Window",
+    "find_hello",
     "ZeroCopyFrameDecoder",
     "encode",
     "encode_data_header",

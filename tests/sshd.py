@@ -7,29 +7,42 @@ logins by key only. If sshd is not installed the tests using the fixture fail wi
 message saying so (CI installs openssh-server: see scripts/test).
 
 Import the fixture into a test module with ``from sshd import sshd``.
+
+Bare hosts (the agentless tests): :func:`bare_users` makes unprivileged users with a fresh
+home whose logins see only Debian's ``/usr/bin/python3``, which has no trio or msgpack
+(``PATH=/usr/bin:/bin``); users made with ``python=False`` get a PATH where no python3
+is found at all.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+import pwd
 import shlex
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-__all__ = ["SSHD", "SshServer", "sshd"]
+__all__ = ["BARE_PREFIX", "NO_PYTHON_PREFIX", "SSHD", "BareUser", "SshServer", "bare_users",
+           "sshd"]
 
 SSHD = "/usr/sbin/sshd"
 #: Bounds the wait for sshd to accept connections.
 _START_DEADLINE = 15.0
 _PRIVSEP_DIR = Path("/run/sshd")  # sshd refuses to start without it
+#: Users whose names start so log in with PATH=/usr/bin:/bin (no venv, no trio) ...
+BARE_PREFIX = "mproxy-bare-"
+#: ... or with a PATH where no python3 is found.
+NO_PYTHON_PREFIX = "mproxy-nopy-"
 
 
 @dataclass(frozen=True)
@@ -51,6 +64,15 @@ class SshServer:
             "-o", "BatchMode=yes", "-o", "LogLevel=ERROR",
             f"{self.user}@{self.host}",
         ]
+
+    def destination(self, user: str | None = None) -> str:
+        return f"{user or self.user}@{self.host}"
+
+    @property
+    def ssh_options(self) -> list[str]:
+        """The ``-o`` options of :attr:`ssh_prefix`, for ``open_ssh_agent``."""
+        return [f"Port={self.port}", f"IdentityFile={self.key}", "StrictHostKeyChecking=no",
+                "UserKnownHostsFile=/dev/null", "BatchMode=yes", "LogLevel=ERROR"]
 
     def agent_command(self, *agent_args: str) -> list[str]:
         """The argv that starts an agent on the far side of ssh."""
@@ -86,7 +108,9 @@ def _write_config(directory: Path, port: int, venv_bin: Path) -> Path:
             f"Port {port}",
             "ListenAddress 127.0.0.1",
             f"HostKey {directory / 'host_key'}",
-            f"AuthorizedKeysFile {directory / 'authorized_keys'}",
+            # The second, for the bare users: sshd reads it as the user, who cannot enter
+            # the first one's directory.
+            f"AuthorizedKeysFile {directory / 'authorized_keys'} .ssh/authorized_keys",
             f"PidFile {directory / 'sshd.pid'}",
             "StrictModes no",
             "PubkeyAuthentication yes",
@@ -101,6 +125,10 @@ def _write_config(directory: Path, port: int, venv_bin: Path) -> Path:
             "MaxStartups 100",
             "MaxSessions 100",
             f"SetEnv PATH={venv_bin}:/usr/bin:/bin",
+            f"Match User {BARE_PREFIX}*",
+            "    SetEnv PATH=/usr/bin:/bin",
+            f"Match User {NO_PYTHON_PREFIX}*",
+            "    SetEnv PATH=/nonexistent",
             "",
         ])
     )
@@ -167,3 +195,55 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@dataclass(frozen=True)
+class BareUser:
+    name: str
+    home: Path
+    uid: int
+    gid: int
+
+
+_user_numbers = itertools.count()
+
+
+@pytest.fixture
+def bare_users(sshd: SshServer) -> Iterator[Callable[..., BareUser]]:
+    """Make users for the agentless tests (needs root): ``bare_users(shell="/bin/sh",
+    python=True)``. Each has a fresh, empty home and logs in with the suite's key; at
+    the end of the test its processes are killed and it is removed."""
+    if os.geteuid() != 0:
+        pytest.fail("the bare-host tests make users: run them as root", pytrace=False)
+    base = Path(tempfile.mkdtemp(prefix="mproxy-homes-"))
+    base.chmod(0o755)  # the users must reach their homes
+    made: list[BareUser] = []
+
+    def make(shell: str = "/bin/sh", *, python: bool = True) -> BareUser:
+        prefix = BARE_PREFIX if python else NO_PYTHON_PREFIX
+        name = f"{prefix}{os.getpid()}-{next(_user_numbers)}"
+        home = base / name
+        # -p '*': no password, but not a locked account (sshd refuses those their keys).
+        subprocess.run(["useradd", "--no-create-home", "--home-dir", str(home), "--shell",
+                        shell, "--user-group", "-p", "*", name], check=True)
+        entry = pwd.getpwnam(name)
+        home.mkdir(mode=0o700)
+        (home / ".ssh").mkdir(mode=0o700)
+        shutil.copy(sshd.key.with_name(sshd.key.name + ".pub"), home / ".ssh/authorized_keys")
+        for path in (home, home / ".ssh", home / ".ssh/authorized_keys"):
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+        user = BareUser(name, home, entry.pw_uid, entry.pw_gid)
+        made.append(user)
+        return user
+
+    try:
+        yield make
+    finally:
+        for user in made:
+            subprocess.run(["pkill", "-KILL", "-u", user.name], check=False)
+            for _attempt in range(50):  # userdel refuses while a process of the user runs
+                if subprocess.run(["userdel", user.name], check=False,
+                                  stderr=subprocess.DEVNULL).returncode != 8:
+                    break
+                time.sleep(0.1)  # polling a condition (the user's processes gone), bounded
+        shutil.rmtree(base, ignore_errors=True)

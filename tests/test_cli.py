@@ -404,6 +404,20 @@ def test_agent_failure_is_255(agent: str) -> None:
     assert done.stderr.startswith(b"mproxy-exec: ")
 
 
+def test_an_agent_command_that_prints_a_banner_first_still_connects() -> None:
+    """What a login's start-up file prints before the agent's hello is skipped."""
+    agent = str(Path(sys.executable).parent / "mproxy-agent")
+    command = f"sh -c 'echo Welcome to host; printf \"\\\\0\\\\377x\"; exec {agent}'"
+    done = run_exec("--agent", command, "--", "echo", "hi")
+    assert (done.returncode, done.stdout, done.stderr) == (0, b"hi\n", b"")
+
+
+def test_an_agent_command_that_prints_but_never_says_hello_is_quoted() -> None:
+    done = run_exec("--agent", "sh -c 'echo Welcome to host; exit 3'", "--", "true")
+    assert done.returncode == 255
+    assert b"(agent exit status 3); it wrote 'Welcome to host\\n'" in done.stderr, done.stderr
+
+
 def test_an_agent_command_that_echoes_is_255_at_once() -> None:
     started = time.monotonic()
     done = run_exec("--agent", "cat", "--", "true", timeout=5)
