@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
 from typing import Final
 
 import trio
 
-from link import Buffer, FdTransport
+from link import FdTransport
 from protocol import find_hello
 
 from ._errors import (
@@ -56,7 +55,14 @@ class HelloSync:
         self.found = False
         self.skipped = bytearray()
         self.skipped_size = 0
+        # The transport's own methods, not wrappers: every frame the session writes goes
+        # through them, and a wrapper would add a call to each.
         self.can_splice = transport.can_splice
+        self.send_all = transport.send_all
+        self.try_send = transport.try_send
+        self.send_spliced = transport.send_spliced
+        self.wait_peer_gone = transport.wait_peer_gone
+        self.aclose = transport.aclose
 
     async def receive_into(self, buffer: memoryview) -> int:
         while not self.found:
@@ -97,23 +103,6 @@ class HelloSync:
         if not self.skipped_size:
             return ""
         return f"; instead of the agent's hello it wrote {quote(bytes(self.skipped))}"
-
-    async def send_all(self, buffers: Sequence[Buffer]) -> None:
-        await self._transport.send_all(buffers)
-
-    def try_send(self, buffers: Sequence[Buffer]) -> int:
-        return self._transport.try_send(buffers)
-
-    async def send_spliced(self, buffers: Sequence[Buffer], pipe_fd: int, size: int,
-                           on_moved: Callable[[int], None]) -> None:
-        await self._transport.send_spliced(buffers, pipe_fd, size, on_moved)
-
-    async def wait_peer_gone(self) -> None:
-        await self._transport.wait_peer_gone()
-
-    async def aclose(self) -> None:
-        await self._transport.aclose()
-
 
 class StderrTail:
     """Copies an agent command's stderr to ours as it comes, keeping its last lines for

@@ -25,7 +25,7 @@ from relay import round_trips
 from sshd import BareUser, SshServer, bare_users, sshd
 
 import controller
-from controller._payload import EXCLUDED, payload
+from controller._payload import EXCLUDED, Payload, payload
 from controller._stage import stage_command
 
 __all__ = ["bare_users", "sshd"]  # the fixtures, re-exported for pytest
@@ -69,6 +69,14 @@ def mproxy_exec(sshd: SshServer, user: BareUser, *command: str, **kwargs: object
 @pytest.fixture
 def user(bare_users: MakeUser) -> BareUser:
     return bare_users()
+
+
+@pytest.fixture
+async def cached(sshd: SshServer, user: BareUser, caplog: pytest.LogCaptureFixture) -> Payload:
+    """The payload, after one start as ``user`` has cached it (debug records captured)."""
+    caplog.set_level(logging.DEBUG, logger="mproxy.controller")
+    await run_true(sshd, user)
+    return payload()
 
 
 # --------------------------------------------------------------------------- payload
@@ -198,10 +206,9 @@ def _trap_zip(marker: Path) -> bytes:
 @pytest.mark.parametrize("corrupt", ["payload", "compiled"])
 async def test_a_corrupted_cache_is_replaced_and_never_run(
     sshd: SshServer, user: BareUser, caplog: pytest.LogCaptureFixture, corrupt: str,
+    cached: Payload,
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="mproxy.controller")
-    code = payload()
-    await run_true(sshd, user)
+    code = cached
     marker = user.home / "trap-ran"
     if corrupt == "payload":
         target = cache_of(user) / code.sha256
@@ -223,29 +230,27 @@ async def test_a_corrupted_cache_is_replaced_and_never_run(
                                    "file of another user", "symlinked directory"])
 async def test_a_cache_others_could_write_is_never_used(
     sshd: SshServer, user: BareUser, caplog: pytest.LogCaptureFixture, fault: str,
+    cached: Payload,
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="mproxy.controller")
-    code = payload()
-    await run_true(sshd, user)
     cache = cache_of(user)
-    cached = cache / code.sha256
+    copy = cache / cached.sha256
     if fault == "group-writable directory":
         cache.chmod(0o770)
     elif fault == "group-writable file":
-        cached.chmod(0o620)
+        copy.chmod(0o620)
     elif fault == "file of another user":
-        os.chown(cached, 0, 0)
+        os.chown(copy, 0, 0)
     else:
         elsewhere = user.home / "elsewhere"
         cache.rename(elsewhere)
         cache.symlink_to(elsewhere)
-    before = cached.stat()
+    before = copy.stat()
     await run_true(sshd, user)
     assert uploads(caplog) == 2  # the cached copy was not trusted
     assert any("not used" in r.getMessage() or "cached copy" in r.getMessage()
                for r in caplog.records)
     if fault not in {"group-writable file", "file of another user"}:
-        assert cached.stat().st_mtime_ns == before.st_mtime_ns  # nothing written there
+        assert copy.stat().st_mtime_ns == before.st_mtime_ns  # nothing written there
 
 
 async def test_a_read_only_home_runs_from_memory(
